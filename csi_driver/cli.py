@@ -1,0 +1,109 @@
+"""`berth`: run the CSI controller, node, or both in one process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from csi_driver import __version__
+from csi_driver.config import Config, ConfigError, load_config
+from csi_driver.server.endpoint import EndpointError, parse_endpoint
+from csi_driver.server.grpc_server import CsiServer, ServerOptions
+from csi_driver.server.logs import configure_logging
+
+log = logging.getLogger("berth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="berth",
+        description="Berth CSI driver: iSCSI block and NFS file volumes from Linux storage hosts.",
+    )
+    parser.add_argument("--version", action="version", version=f"berth {__version__}")
+    parser.add_argument(
+        "--mode",
+        choices=("controller", "node", "all"),
+        default="all",
+        help="which CSI services to serve besides Identity (default: all)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        default="unix:///csi/csi.sock",
+        help="unix:///path/to.sock or tcp://host:port (default: %(default)s)",
+    )
+    parser.add_argument("--node-id", help="this node's ID (default: the host name); node mode only")
+    parser.add_argument("--config", metavar="FILE", help="YAML config file describing storage backends")
+    parser.add_argument("--driver-name", help="CSI driver name (default: from config, else berth.csi.io)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="debug also logs request and response bodies, with csi_secret fields stripped",
+    )
+    parser.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default: %(default)s)")
+    parser.add_argument(
+        "--socket-mode",
+        type=lambda text: int(text, 8),
+        default=0o600,
+        help="octal permission bits of a unix socket (default: 0600)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=20.0,
+        help="seconds in-flight RPCs get to finish on SIGTERM (default: %(default)s)",
+    )
+    return parser
+
+
+def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
+    from csi_driver.csi import csi_pb2_grpc
+    from csi_driver.node.prerequisites import node_readiness_check
+    from csi_driver.services.identity import IdentityService
+
+    driver_name = args.driver_name or config.driver_name
+    controller = args.mode in ("controller", "all")
+    node = args.mode in ("node", "all")
+    checks = []
+    if node:
+        checks.append(node_readiness_check(config.node.protocols, config.node.state_dir))
+    identity = IdentityService(driver_name, controller=controller, checks=checks)
+    registrations = [lambda server: csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)]
+    options = ServerOptions(
+        workers=args.workers, socket_mode=args.socket_mode, grace_seconds=args.grace_period
+    )
+    return CsiServer(parse_endpoint(args.endpoint), registrations, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    try:
+        config = load_config(args.config)
+        server = build_server(args, config)
+    except (ConfigError, EndpointError) as err:
+        return _fail(str(err))
+    node_id = args.node_id or socket.gethostname()
+    driver_name = args.driver_name or config.driver_name
+    log.info(
+        "starting berth",
+        extra={"version": __version__, "mode": args.mode, "driver": driver_name, "node_id": node_id},
+    )
+    try:
+        return server.serve_until_signalled()
+    except (EndpointError, RuntimeError) as err:
+        return _fail(f"cannot serve on {args.endpoint}: {err}")
+
+
+def _fail(message: str) -> int:
+    print(f"berth: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

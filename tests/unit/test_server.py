@@ -1,0 +1,186 @@
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from csi_driver.csi import csi_pb2, csi_pb2_grpc
+from csi_driver.server.endpoint import EndpointError, parse_endpoint
+from csi_driver.server.grpc_server import CsiServer, ServerOptions
+from csi_driver.server.logs import configure_logging
+from csi_driver.services.identity import IdentityService
+
+
+@pytest.mark.parametrize(
+    ("text", "scheme", "address"),
+    [
+        ("unix:///csi/csi.sock", "unix", "/csi/csi.sock"),
+        ("unix:/csi/csi.sock", "unix", "/csi/csi.sock"),
+        ("/csi/csi.sock", "unix", "/csi/csi.sock"),
+        ("tcp://127.0.0.1:10000", "tcp", "127.0.0.1:10000"),
+        ("127.0.0.1:10000", "tcp", "127.0.0.1:10000"),
+    ],
+)
+def test_parse_endpoint(text, scheme, address):
+    endpoint = parse_endpoint(text)
+    assert (endpoint.scheme, endpoint.address) == (scheme, address)
+
+
+@pytest.mark.parametrize(
+    "text", ["unix://relative.sock", "tcp://host", "tcp://host:99999", "nonsense", "tcp://:80"]
+)
+def test_parse_endpoint_rejects(text):
+    with pytest.raises(EndpointError, match="endpoint"):
+        parse_endpoint(text)
+
+
+def start(endpoint: str, checks=(), **options) -> CsiServer:
+    identity = IdentityService("berth.test", controller=True, checks=checks)
+    server = CsiServer(
+        parse_endpoint(endpoint),
+        [lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s)],
+        ServerOptions(**options),
+    )
+    server.start()
+    return server
+
+
+def identity_stub(target: str) -> csi_pb2_grpc.IdentityStub:
+    return csi_pb2_grpc.IdentityStub(grpc.insecure_channel(target))
+
+
+def test_unix_socket_created_with_mode_and_parent_dir(tmp_path):
+    path = tmp_path / "deep" / "dir" / "csi.sock"
+    server = start(f"unix://{path}", socket_mode=0o660)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        info = identity_stub(f"unix:{path}").GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=5)
+        assert info.name == "berth.test" and info.vendor_version
+    finally:
+        server.stop(0)
+    assert not path.exists(), "the socket is removed on shutdown"
+
+
+def test_stale_socket_is_replaced(tmp_path):
+    path = tmp_path / "csi.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # leaves the socket file behind, as a crashed process would
+    server = start(f"unix://{path}")
+    try:
+        identity_stub(f"unix:{path}").Probe(csi_pb2.ProbeRequest(), timeout=5)
+    finally:
+        server.stop(0)
+
+
+def test_regular_file_at_socket_path_is_not_deleted(tmp_path):
+    path = tmp_path / "csi.sock"
+    path.write_text("someone's data")
+    with pytest.raises(EndpointError, match="not a socket"):
+        start(f"unix://{path}")
+    assert path.read_text() == "someone's data"
+
+
+def test_tcp_endpoint():
+    server = start("tcp://127.0.0.1:0")
+    try:
+        caps = identity_stub(f"127.0.0.1:{server.port}").GetPluginCapabilities(
+            csi_pb2.GetPluginCapabilitiesRequest(), timeout=5
+        )
+        types = {c.service.type for c in caps.capabilities if c.HasField("service")}
+        assert csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE in types
+    finally:
+        server.stop(0)
+
+
+def slow_check(seconds: float):
+    def check():
+        time.sleep(seconds)
+        return None
+
+    return check
+
+
+def call_in_thread(stub, results):
+    def run():
+        try:
+            results.append(stub.Probe(csi_pb2.ProbeRequest(), timeout=30))
+        except grpc.RpcError as err:
+            results.append(err.code())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_graceful_stop_lets_in_flight_rpc_finish(tmp_path):
+    server = start(f"unix://{tmp_path}/csi.sock", checks=[slow_check(1.0)])
+    results: list = []
+    thread = call_in_thread(identity_stub(f"unix:{tmp_path}/csi.sock"), results)
+    time.sleep(0.3)
+    server.stop(grace=5)
+    thread.join()
+    assert results and isinstance(results[0], csi_pb2.ProbeResponse)
+
+
+def test_graceful_stop_is_bounded(tmp_path):
+    server = start(f"unix://{tmp_path}/csi.sock", checks=[slow_check(5.0)])
+    results: list = []
+    thread = call_in_thread(identity_stub(f"unix:{tmp_path}/csi.sock"), results)
+    time.sleep(0.3)
+    started = time.monotonic()
+    server.stop(grace=0.5)
+    assert time.monotonic() - started < 3
+    thread.join()
+    assert results == [grpc.StatusCode.CANCELLED] or results == [grpc.StatusCode.UNAVAILABLE]
+
+
+def test_probe_not_ready_says_why(tmp_path):
+    server = start(f"unix://{tmp_path}/csi.sock", checks=[lambda: None, lambda: "storage host unreachable"])
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            identity_stub(f"unix:{tmp_path}/csi.sock").Probe(csi_pb2.ProbeRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "storage host unreachable" in caught.value.details()
+    finally:
+        server.stop(0)
+
+
+def test_interceptor_logs_method_code_duration_and_request_id(tmp_path):
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+
+    def broken_check():
+        raise ValueError("a bug")
+
+    server = start(f"unix://{tmp_path}/csi.sock", checks=[broken_check])
+    try:
+        stub = identity_stub(f"unix:{tmp_path}/csi.sock")
+        stub.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), metadata=[("x-request-id", "req-42")], timeout=5)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Probe(csi_pb2.ProbeRequest(), timeout=5)
+    finally:
+        server.stop(0)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "ValueError: a bug" in caught.value.details()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    rpcs = [r for r in records if r["msg"] == "rpc"]
+    info = next(r for r in rpcs if r["method"].endswith("GetPluginInfo"))
+    assert info["code"] == "OK" and info["request_id"] == "req-42" and info["duration_ms"] >= 0
+    probe = next(r for r in rpcs if r["method"].endswith("Probe"))
+    assert probe["code"] == "INTERNAL" and probe["level"] == "warning"
+    bug = next(r for r in records if r["msg"] == "unhandled error")
+    assert "ValueError" in bug["exception"] and bug["request_id"] == probe["request_id"] != "-"
+
+
+def test_berth_console_script_runs():
+    berth = os.path.join(os.path.dirname(sys.executable), "berth")
+    result = subprocess.run([berth, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "--endpoint" in result.stdout
