@@ -1,0 +1,89 @@
+"""Every name Berth derives on the storage host, in one place.
+
+LV names are a pure function of the CSI request name, so a retried CreateVolume lands on the same
+LV (idempotency) without the controller keeping any database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+
+from .errors import InvalidRequest
+
+VOLUME_PREFIX = "vol-"
+SNAPSHOT_PREFIX = "snap-"
+# 20 hex = 80 bits: collisions are negligible, and the full CSI name is kept in a tag and checked.
+NAME_HASH_HEX = 20
+# LVM LV names: [A-Za-z0-9+_.-], not starting with '-', max 127 chars; we use a stricter subset.
+_LV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}$")
+_VG_NAME_RE = _LV_NAME_RE
+# RFC 3720 iqn: iqn.yyyy-mm.reversed.domain[:anything]; we keep the charset conservative.
+_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9.:_-]+)?$")
+_EUI_RE = re.compile(r"^eui\.[0-9A-Fa-f]{16}$")
+_NAA_RE = re.compile(r"^naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?$")
+# LIO NAA IEEE registered extended identifiers use the Linux OUI 00:14:05 by default.
+LIO_NAA_PREFIX = "6001405"
+
+
+def _digest(csi_name: str) -> str:
+    if not csi_name:
+        raise InvalidRequest("name must not be empty")
+    return hashlib.sha256(csi_name.encode("utf-8")).hexdigest()[:NAME_HASH_HEX]
+
+
+def volume_lv_name(csi_name: str) -> str:
+    """LV name for a CreateVolume request name."""
+    return VOLUME_PREFIX + _digest(csi_name)
+
+
+def snapshot_lv_name(csi_name: str) -> str:
+    """LV name for a CreateSnapshot request name."""
+    return SNAPSHOT_PREFIX + _digest(csi_name)
+
+
+def is_berth_lv(lv_name: str) -> bool:
+    return bool(re.fullmatch(rf"(vol|snap)-[0-9a-f]{{{NAME_HASH_HEX}}}", lv_name))
+
+
+def check_lv_name(name: str) -> str:
+    if not _LV_NAME_RE.match(name) or name in (".", "..") or name.startswith("snapshot"):
+        raise InvalidRequest(f"invalid LV name {name!r}")
+    return name
+
+
+def check_vg_name(name: str) -> str:
+    if not _VG_NAME_RE.match(name):
+        raise InvalidRequest(f"invalid VG/pool name {name!r}")
+    return name
+
+
+def check_initiator(iqn: str) -> str:
+    """Accept iqn./eui./naa. initiator names (LIO lower-cases iqn names itself)."""
+    if len(iqn) > 223 or not (_IQN_RE.match(iqn) or _EUI_RE.match(iqn) or _NAA_RE.match(iqn)):
+        raise InvalidRequest(f"invalid iSCSI initiator name {iqn!r}")
+    return iqn
+
+
+def target_iqn(iqn_prefix: str, lv_name: str) -> str:
+    """One target per volume: <prefix>:<lv name>. LIO stores iqn names lower-case."""
+    iqn = f"{iqn_prefix.rstrip(':')}:{check_lv_name(lv_name)}".lower()
+    if not _IQN_RE.match(iqn) or len(iqn) > 223:
+        raise InvalidRequest(f"invalid target IQN {iqn!r} (check iqn_prefix)")
+    return iqn
+
+
+def volume_serial(lv_name: str) -> str:
+    """T10 unit serial of the backstore: stable per volume, so nodes can predict the WWN."""
+    digest = hashlib.sha256(b"berth-serial:" + check_lv_name(lv_name).encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16]))
+
+
+def naa_wwn(serial: str) -> str:
+    """The NAA id LIO derives from a unit serial (udev: /dev/disk/by-id/wwn-0x<this>).
+
+    LIO builds a NAA type 6 id from the OUI 001405 and the first 25 hex digits of the serial.
+    """
+    hexdigits = "".join(c for c in serial.lower() if c in "0123456789abcdef")[:25]
+    return LIO_NAA_PREFIX + hexdigits.ljust(25, "0")
