@@ -51,6 +51,15 @@ class CommandRunner(Protocol):
     def close(self) -> None: ...
 
 
+def c_locale_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment with the C locale: LVM output (decimal separator, messages) must not depend on the
+    caller's locale, and ssh may forward LANG/LC_* to the host (Debian's SendEnv default)."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("LC_")}
+    env["LANG"] = "C"
+    env["LC_ALL"] = "C"
+    return env
+
+
 def _validate_argv(argv: Sequence[str]) -> list[str]:
     # A bare string would be iterated char by char; refuse it rather than run nonsense.
     if isinstance(argv, str | bytes):
@@ -70,7 +79,7 @@ class LocalRunner:
     """Runs commands on this machine (controller co-located with the storage)."""
 
     def __init__(self, env: dict[str, str] | None = None):
-        self._env = env
+        self._env = c_locale_env(env)
 
     def run(
         self,
@@ -156,6 +165,7 @@ class SshRunner:
         self.control_path = os.path.join(self._dir, "cm")
         self._lock = threading.Lock()
         self._closed = False
+        self._env = c_locale_env()
 
     # --- command construction (pure, unit-tested) ---
 
@@ -211,6 +221,7 @@ class SshRunner:
                         stdout=subprocess.DEVNULL,
                         stderr=err,
                         timeout=self.connect_timeout + 30,
+                        env=self._env,
                     ).returncode
                 except subprocess.TimeoutExpired as e:
                     raise HostUnreachable(f"ssh to {self.host}:{self.port} timed out") from e
@@ -239,6 +250,7 @@ class SshRunner:
                 stdin=None if input is not None else subprocess.DEVNULL,
                 capture_output=True,
                 timeout=timeout,
+                env=self._env,
             )
         except subprocess.TimeoutExpired as e:
             raise CommandTimeout(args, timeout, e.stderr or b"") from e

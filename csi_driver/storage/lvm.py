@@ -1,0 +1,414 @@
+"""Thin-provisioned volumes and snapshots on one LVM thin pool, metadata in LV tags.
+
+All state lives in LVM itself (LV names + tags), so the controller keeps no database and a restart
+loses nothing. Commands are lvm2 2.03 (Debian 12) argument lists run through a CommandRunner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from . import tags as tagcodec
+from .errors import (
+    AlreadyExists,
+    Busy,
+    CapacityExhausted,
+    CommandFailed,
+    InUse,
+    InvalidRequest,
+    NotFound,
+    StorageError,
+)
+from .ids import check_lv_name, check_vg_name
+from .runner import CommandRunner
+
+# Report options shared by every lvs/vgs call: JSON, exact bytes, no unit suffix.
+REPORT_ARGS = ("--reportformat", "json", "--units", "b", "--nosuffix")
+LV_FIELDS = (
+    "lv_name,vg_name,lv_uuid,lv_size,lv_attr,lv_tags,origin,pool_lv,lv_time,data_percent,metadata_percent"
+)
+POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,lv_metadata_size"
+VG_FIELDS = "vg_name,vg_extent_size,vg_size,vg_free"
+LVM_TIMEOUT = 120.0
+
+# stderr fragments → domain error, checked in order (lower-case). Capacity first: its messages can
+# also mention names that are "not found" elsewhere.
+_ERROR_PATTERNS: tuple[tuple[type[StorageError], tuple[str, ...]], ...] = (
+    (
+        CapacityExhausted,
+        (
+            "insufficient free space",
+            "insufficient suitable allocatable extents",
+            "reached threshold",
+            "no free space",
+            "not enough free space",
+        ),
+    ),
+    (NotFound, ("failed to find logical volume", "not found", "failed to find")),
+    (AlreadyExists, ("already exists",)),
+    (
+        InUse,
+        (
+            "in use",
+            "open logical volume",
+            "device or resource busy",
+            "is used by another device",
+        ),
+    ),
+    (Busy, ("can't get lock", "resource temporarily unavailable", "failed to lock")),
+)
+
+
+def classify_lvm_error(err: CommandFailed) -> StorageError:
+    """Map a failed LVM command to a domain error (CommandFailed itself when nothing matches)."""
+    text = err.stderr.lower()
+    for cls, needles in _ERROR_PATTERNS:
+        if any(n in text for n in needles):
+            exc = cls(str(err))
+            exc.__cause__ = err
+            return exc
+    return err
+
+
+def _num(value: object) -> float | None:
+    """LVM JSON numbers are strings ("12.50", "" when not applicable)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip().rstrip("Bb").replace(",", ".")
+    return float(text) if text else None
+
+
+def _int(value: object) -> int:
+    n = _num(value)
+    return int(n) if n is not None else 0
+
+
+def _parse_time(value: str) -> datetime | None:
+    # lv_time default format: "2024-05-01 10:11:12 +0000"
+    for fmt in ("%Y-%m-%d %H:%M:%S %z", "%Y-%m-%d %H:%M:%S"):
+        try:
+            return datetime.strptime(value.strip(), fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def parse_report(stdout: str | bytes, kind: str) -> list[dict[str, str]]:
+    """Rows of `lvs`/`vgs --reportformat json`: {"report": [{"lv": [...]}]} (kind = "lv" / "vg")."""
+    try:
+        doc = json.loads(stdout)
+        rows: list[dict[str, str]] = []
+        for report in doc["report"]:
+            rows.extend(report.get(kind, []))
+        return rows
+    except (ValueError, KeyError, TypeError) as e:
+        raise StorageError(f"cannot parse LVM {kind} report: {e}") from e
+
+
+@dataclass(frozen=True)
+class LvInfo:
+    name: str
+    vg: str
+    uuid: str
+    size_bytes: int
+    attr: str
+    tags: tuple[str, ...]
+    meta: dict[str, str] = field(hash=False)
+    origin: str
+    pool: str
+    created: datetime | None
+    data_percent: float | None
+    metadata_percent: float | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, str]) -> LvInfo:
+        raw_tags = tuple(t for t in row.get("lv_tags", "").split(",") if t)
+        return cls(
+            name=row["lv_name"],
+            vg=row.get("vg_name", ""),
+            uuid=row.get("lv_uuid", ""),
+            size_bytes=_int(row.get("lv_size")),
+            attr=row.get("lv_attr", ""),
+            tags=raw_tags,
+            meta=tagcodec.decode_tags(raw_tags),
+            origin=row.get("origin", ""),
+            pool=row.get("pool_lv", ""),
+            created=_parse_time(row.get("lv_time", "")),
+            data_percent=_num(row.get("data_percent")),
+            metadata_percent=_num(row.get("metadata_percent")),
+        )
+
+    @property
+    def device_path(self) -> str:
+        return f"/dev/{self.vg}/{self.name}"
+
+    @property
+    def active(self) -> bool:
+        return len(self.attr) > 4 and self.attr[4] == "a"
+
+    @property
+    def open(self) -> bool:
+        return len(self.attr) > 5 and self.attr[5] == "o"
+
+    @property
+    def read_only(self) -> bool:
+        return len(self.attr) > 1 and self.attr[1] in "rR"
+
+    @property
+    def managed(self) -> bool:
+        """Created by Berth (carries the version marker tag)."""
+        return tagcodec.VERSION_TAG in self.tags
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    size_bytes: int
+    used_bytes: int
+    free_bytes: int
+    data_percent: float
+    metadata_percent: float
+
+
+def round_up(size_bytes: int, extent_bytes: int) -> int:
+    if size_bytes <= 0:
+        raise InvalidRequest(f"size must be positive, got {size_bytes}")
+    return math.ceil(size_bytes / extent_bytes) * extent_bytes
+
+
+class ThinPool:
+    """Volumes and snapshots as thin LVs of <vg>/<pool>."""
+
+    # Keys whose value legitimately changes over an object's life; ignored for idempotency checks.
+    VOLATILE_KEYS = frozenset({tagcodec.KEY_STATE, tagcodec.KEY_CREATED})
+
+    def __init__(self, runner: CommandRunner, vg: str, pool: str):
+        self.runner = runner
+        self.vg = check_vg_name(vg)
+        self.pool = check_vg_name(pool)
+        self._extent: int | None = None
+
+    # --- helpers ---
+
+    def _path(self, lv: str) -> str:
+        return f"{self.vg}/{check_lv_name(lv)}"
+
+    def _run(self, argv: list[str], timeout: float = LVM_TIMEOUT) -> str:
+        try:
+            return self.runner.run(argv, timeout=timeout).text
+        except CommandFailed as e:
+            raise classify_lvm_error(e) from e
+
+    # --- queries ---
+
+    def extent_size(self) -> int:
+        """VG extent size in bytes (cached: it practically never changes)."""
+        if self._extent is None:
+            out = self._run(["vgs", *REPORT_ARGS, "-o", VG_FIELDS, self.vg])
+            rows = parse_report(out, "vg")
+            if not rows:
+                raise NotFound(f"volume group {self.vg} not found")
+            self._extent = _int(rows[0]["vg_extent_size"])
+            if self._extent <= 0:
+                raise StorageError(f"bad extent size for {self.vg}: {rows[0]!r}")
+        return self._extent
+
+    def round_size(self, size_bytes: int) -> int:
+        return round_up(size_bytes, self.extent_size())
+
+    def get(self, lv: str) -> LvInfo:
+        """The LV, or NotFound."""
+        out = self._run(["lvs", *REPORT_ARGS, "-o", LV_FIELDS, self._path(lv)])
+        rows = parse_report(out, "lv")
+        if not rows:
+            raise NotFound(f"logical volume {self.vg}/{lv} not found")
+        return LvInfo.from_row(rows[0])
+
+    def find(self, lv: str) -> LvInfo | None:
+        try:
+            return self.get(lv)
+        except NotFound:
+            return None
+
+    def list(self, tag_filter: Mapping[str, str] | None = None, managed_only: bool = True) -> list[LvInfo]:
+        """Thin LVs of this pool whose metadata contains every tag_filter item.
+
+        One lvs call for the whole pool (--select on pool_lv); metadata filtering is done here since
+        values are escaped and may be chunked.
+        """
+        out = self._run(
+            ["lvs", *REPORT_ARGS, "-o", LV_FIELDS, "--select", f"pool_lv={self.pool}", self.vg]
+        )
+        infos = [LvInfo.from_row(r) for r in parse_report(out, "lv")]
+        want = dict(tag_filter or {})
+        return [
+            i
+            for i in infos
+            if (i.managed or not managed_only) and all(i.meta.get(k) == v for k, v in want.items())
+        ]
+
+    def capacity(self) -> PoolCapacity:
+        out = self._run(["lvs", *REPORT_ARGS, "-o", POOL_FIELDS, f"{self.vg}/{self.pool}"])
+        rows = parse_report(out, "lv")
+        if not rows:
+            raise NotFound(f"thin pool {self.vg}/{self.pool} not found")
+        row = rows[0]
+        if not row.get("lv_attr", "").startswith("t"):
+            raise StorageError(f"{self.vg}/{self.pool} is not a thin pool (attr {row.get('lv_attr')})")
+        size = _int(row["lv_size"])
+        data_pct = _num(row.get("data_percent")) or 0.0
+        # data_percent has two decimals: used is exact to 0.01 % of the pool, good enough to report.
+        used = min(size, round(size * data_pct / 100))
+        return PoolCapacity(
+            size_bytes=size,
+            used_bytes=used,
+            free_bytes=size - used,
+            data_percent=data_pct,
+            metadata_percent=_num(row.get("metadata_percent")) or 0.0,
+        )
+
+    # --- changes ---
+
+    def _compatible(self, info: LvInfo, meta: Mapping[str, str], size: int | None) -> bool:
+        if size is not None and info.size_bytes != size:
+            return False
+        return all(info.meta.get(k) == v for k, v in meta.items() if k not in self.VOLATILE_KEYS)
+
+    def create_volume(self, lv_name: str, size_bytes: int, tags: Mapping[str, str]) -> LvInfo:
+        """Create a thin LV of size_bytes rounded UP to the extent size; return it (real size).
+
+        Idempotent: an existing LV with the same size and metadata is returned as is; one that
+        differs raises AlreadyExists.
+        """
+        size = self.round_size(size_bytes)
+        encoded = tagcodec.encode_tags(tags)
+        existing = self.find(lv_name)
+        if existing is not None:
+            if self._compatible(existing, tags, size):
+                return existing
+            raise AlreadyExists(f"{self.vg}/{lv_name} exists with a different size or metadata")
+        argv = [
+            "lvcreate", "--type", "thin",
+            "--virtualsize", f"{size}b",
+            "--thinpool", self.pool,
+            "--name", check_lv_name(lv_name),
+            *_addtags(encoded),
+            "--yes",
+            self.vg,
+        ]  # fmt: skip
+        try:
+            self._run(argv)
+        except AlreadyExists:
+            return self._after_race(lv_name, tags, size)
+        except NotFound as e:
+            # The VG or pool is missing: a configuration problem, not a missing volume.
+            cause = e.__cause__
+            raise (cause if isinstance(cause, CommandFailed) else e) from None
+        return self.get(lv_name)
+
+    def _after_race(self, lv_name: str, tags: Mapping[str, str], size: int | None) -> LvInfo:
+        # A concurrent identical request created it between our check and lvcreate.
+        info = self.get(lv_name)
+        if self._compatible(info, tags, size):
+            return info
+        raise AlreadyExists(f"{self.vg}/{lv_name} exists with a different size or metadata")
+
+    def snapshot(
+        self, source_lv: str, new_lv: str, tags: Mapping[str, str], read_only: bool = False
+    ) -> LvInfo:
+        """Thin snapshot of source_lv (no size: it shares the pool), activated so it is usable.
+
+        Thin snapshots get the activation-skip flag by default; --setactivationskip n clears it so
+        the LV activates like any volume (after a reboot too).
+        """
+        encoded = tagcodec.encode_tags(tags)
+        existing = self.find(new_lv)
+        if existing is not None:
+            if self._compatible(existing, tags, None):
+                return existing
+            raise AlreadyExists(f"{self.vg}/{new_lv} exists with different metadata")
+        argv = [
+            "lvcreate", "--snapshot",
+            "--setactivationskip", "n",
+            "--activate", "y",
+            "--name", check_lv_name(new_lv),
+            *(["--permission", "r"] if read_only else []),
+            *_addtags(encoded),
+            "--yes",
+            self._path(source_lv),
+        ]  # fmt: skip
+        try:
+            self._run(argv)
+        except AlreadyExists:
+            return self._after_race(new_lv, tags, None)
+        return self.get(new_lv)
+
+    def clone(self, source_lv: str, new_lv: str, size_bytes: int, tags: Mapping[str, str]) -> LvInfo:
+        """Writable volume from a snapshot or volume: thin snapshot, then grow to size_bytes."""
+        source = self.get(source_lv)
+        size = self.round_size(max(size_bytes, source.size_bytes))
+        info = self.snapshot(source_lv, new_lv, tags, read_only=False)
+        if info.size_bytes < size:
+            self.resize(new_lv, size)
+            info = self.get(new_lv)
+        return info
+
+    def activate(self, lv: str) -> None:
+        """Activate even if the LV carries the activation-skip flag (-K)."""
+        self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", self._path(lv)])
+
+    def resize(self, lv: str, size_bytes: int) -> int:
+        """Grow to size_bytes (rounded up); never shrinks. Returns the resulting size."""
+        size = self.round_size(size_bytes)
+        current = self.get(lv)
+        if size <= current.size_bytes:
+            return current.size_bytes
+        self._run(["lvextend", "--size", f"{size}b", self._path(lv)])
+        return self.get(lv).size_bytes
+
+    def remove(self, lv: str) -> bool:
+        """Remove the LV; True if removed, False if it did not exist (idempotent)."""
+        try:
+            # --force: no confirmation for an active LV (stdin is not a terminal);
+            # --yes answers any other prompt.
+            self._run(["lvremove", "--force", "--yes", self._path(lv)])
+        except NotFound as e:
+            if "volume group" in str(e).lower():
+                raise  # the VG itself is missing: misconfiguration, not an idempotent no-op
+            return False
+        return True
+
+    def update_meta(self, lv: str, changes: Mapping[str, str | None]) -> LvInfo:
+        """Set (value) or delete (None) metadata keys in one lvchange."""
+        info = self.get(lv)
+        merged = dict(info.meta)
+        for k, v in changes.items():
+            if v is None:
+                merged.pop(k, None)
+            else:
+                merged[k] = v
+        new_tags = set(tagcodec.encode_tags(merged))
+        old_tags = set(tagcodec.berth_tags(info.tags))
+        to_delete = sorted(old_tags - new_tags)
+        to_add = sorted(new_tags - old_tags)
+        if not to_delete and not to_add:
+            return info
+        argv = ["lvchange"]
+        for t in to_delete:
+            argv += ["--deltag", t]
+        argv += _addtags(to_add)
+        argv.append(self._path(lv))
+        self._run(argv)
+        return self.get(lv)
+
+
+def _addtags(encoded: Iterable[str]) -> list[str]:
+    argv: list[str] = []
+    for t in encoded:
+        argv += ["--addtag", t]
+    return argv
