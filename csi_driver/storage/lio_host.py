@@ -1,0 +1,558 @@
+"""LIO iSCSI export manager that runs ON the storage host, one process per request.
+
+The controller sends this file's source as `python3 -c <source>` and the request as JSON on stdin
+(secrets such as CHAP passwords must not appear in the host's process list). It prints one JSON
+line. It must stay self-contained: stdlib + rtslib_fb (Debian python3-rtslib-fb) only, no import
+from csi_driver, since only this file's text reaches the host.
+
+Why not targetcli: every targetcli call is a new process that reloads the whole configfs tree
+(1.2-2.2 s each); one rtslib process does a whole batch of operations in ~0.5 s.
+
+Request:  {"v": 1, "ops": [{"op": "export", ...}, ...], "save": true}
+Response: {"ok": true, "results": [...]}
+          {"ok": false, "error": {"kind": "invalid|not_found|conflict|unavailable|internal",
+                                  "message": "...", "op_index": n}, "results": [...]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+try:  # absent on the controller and in unit tests; the validators below do not need it
+    import rtslib_fb as rtslib
+except ImportError:  # pragma: no cover - depends on the host
+    rtslib = None
+
+PROTOCOL = 1
+LOCK_PATH = "/run/lock/berth-lio.lock"
+TPG_TAG = 1
+LUN_INDEX = 0
+MAX_OPS = 256
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}$")
+_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9.:_-]+)?$")
+_EUI_RE = re.compile(r"^eui\.[0-9A-Fa-f]{16}$")
+_NAA_RE = re.compile(r"^naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?$")
+_SERIAL_RE = re.compile(r"^[0-9A-Fa-f-]{8,64}$")
+_DEVICE_RE = re.compile(r"^/dev/[A-Za-z0-9+_.-]+(/[A-Za-z0-9+_.-]+)*$")
+_CHAP_RE = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces (configfs trims them)
+# Writes are refused below these paths; saveconfig is JSON the target service reads at boot.
+_SAVE_DIRS = ("/etc/", "/var/lib/", "/run/", "/tmp/")
+
+MUTATING = frozenset({"export", "unexport", "add_initiator", "remove_initiator"})
+
+
+class RequestError(Exception):
+    kind = "invalid"
+
+
+class NotFoundError(RequestError):
+    kind = "not_found"
+
+
+class ConflictError(RequestError):
+    kind = "conflict"
+
+
+class UnavailableError(RequestError):
+    kind = "unavailable"
+
+
+# --- validation (pure: unit-tested without rtslib) ---
+
+
+def check_name(value: Any, what: str = "volume") -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise RequestError(f"invalid {what} name {value!r}")
+    return value
+
+
+def check_target_iqn(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 223 or not _IQN_RE.match(value):
+        raise RequestError(f"invalid target IQN {value!r}")
+    return value
+
+
+def check_initiator(value: Any) -> str:
+    ok = isinstance(value, str) and len(value) <= 223
+    if not ok or not (_IQN_RE.match(value) or _EUI_RE.match(value) or _NAA_RE.match(value)):
+        raise RequestError(f"invalid initiator name {value!r}")
+    return value
+
+
+def check_device(value: Any) -> str:
+    if not isinstance(value, str) or not _DEVICE_RE.match(value) or "/../" in value + "/":
+        raise RequestError(f"invalid device path {value!r}")
+    return value
+
+
+def check_serial(value: Any) -> str:
+    if not isinstance(value, str) or not _SERIAL_RE.match(value):
+        raise RequestError(f"invalid unit serial {value!r}")
+    return value
+
+
+def parse_portal(value: Any) -> tuple[str, int]:
+    """'ip', 'ip:port', '[v6]' or '[v6]:port' → (ip in LIO form, port). LIO wants v6 in brackets."""
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"invalid portal {value!r}")
+    port = 3260
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise RequestError(f"invalid portal {value!r}")
+        if rest:
+            port = _port(rest[1:], value)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as e:
+            raise RequestError(f"invalid portal address {value!r}") from e
+        return f"[{host}]", port
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        host = value
+    elif ":" in host:
+        raise RequestError(f"IPv6 portal must be bracketed: {value!r}")
+    else:
+        port = _port(port_text, value)
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError as e:
+        raise RequestError(f"invalid portal address {value!r}") from e
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise RequestError(f"invalid portal port in {whole!r}")
+    return int(text)
+
+
+def check_chap(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("chap must be an object")
+    allowed = {"user", "password", "mutual_user", "mutual_password"}
+    extra = set(value) - allowed
+    if extra:
+        raise RequestError(f"unknown chap fields {sorted(extra)}")
+    for key in ("user", "password"):
+        if key not in value:
+            raise RequestError(f"chap.{key} is required")
+    if ("mutual_user" in value) != ("mutual_password" in value):
+        raise RequestError("chap.mutual_user and chap.mutual_password go together")
+    for key, v in value.items():
+        if not isinstance(v, str) or not _CHAP_RE.match(v) or v == "NULL":
+            # Never echo the value: it may be a password.
+            raise RequestError(f"invalid chap.{key} (1-255 printable ASCII characters, no spaces)")
+    return dict(value)
+
+
+def _check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(f"{what} must be true or false")
+    return value
+
+
+def validate_op(op: Any) -> dict[str, Any]:
+    """Return a normalised copy of one operation or raise RequestError."""
+    if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+        raise RequestError("each op must be an object with an 'op' string")
+    name = op["op"]
+    fields: dict[str, Any] = {"op": name}
+    if name == "export":
+        fields["volume"] = check_name(op.get("volume"))
+        fields["target"] = check_target_iqn(op.get("target"))
+        fields["device"] = check_device(op.get("device"))
+        fields["serial"] = check_serial(op.get("serial"))
+        portals = op.get("portals")
+        if not isinstance(portals, list) or not portals:
+            raise RequestError("portals must be a non-empty list")
+        fields["portals"] = sorted({parse_portal(p) for p in portals})
+    elif name == "unexport":
+        fields["volume"] = check_name(op.get("volume"))
+        fields["target"] = check_target_iqn(op.get("target"))
+    elif name == "add_initiator":
+        fields["target"] = check_target_iqn(op.get("target"))
+        fields["initiator"] = check_initiator(op.get("initiator"))
+        fields["readonly"] = _check_bool(op.get("readonly", False), "readonly")
+        fields["chap"] = check_chap(op.get("chap"))
+    elif name in ("remove_initiator",):
+        fields["target"] = check_target_iqn(op.get("target"))
+        fields["initiator"] = check_initiator(op.get("initiator"))
+    elif name == "list_initiators":
+        fields["target"] = check_target_iqn(op.get("target"))
+    elif name == "list_exports":
+        prefix = op.get("iqn_prefix")
+        if not isinstance(prefix, str) or not _IQN_RE.match(prefix.rstrip(":")):
+            raise RequestError(f"invalid iqn_prefix {prefix!r}")
+        fields["iqn_prefix"] = prefix.rstrip(":")
+    elif name == "save":
+        fields["path"] = _check_save_path(op.get("path"))
+    else:
+        raise RequestError(f"unknown op {name!r}")
+    unknown = set(op) - set(fields) - {"op"}
+    if unknown:
+        raise RequestError(f"unknown fields for {name}: {sorted(unknown)}")
+    return fields
+
+
+def _check_save_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value.startswith(_SAVE_DIRS)
+        or "/../" in value
+        or not value.endswith(".json")
+    ):
+        raise RequestError(f"invalid save path {value!r}")
+    return value
+
+
+def validate_request(req: Any) -> tuple[list[dict[str, Any]], bool, str | None]:
+    """(ops, save, save_path) from a request, or RequestError."""
+    if not isinstance(req, dict):
+        raise RequestError("request must be a JSON object")
+    if req.get("v") != PROTOCOL:
+        raise RequestError(f"protocol version {req.get('v')!r} unsupported (want {PROTOCOL})")
+    ops = req.get("ops")
+    if not isinstance(ops, list) or not ops or len(ops) > MAX_OPS:
+        raise RequestError(f"ops must be a list of 1..{MAX_OPS} operations")
+    save = _check_bool(req.get("save", False), "save")
+    return [validate_op(o) for o in ops], save, _check_save_path(req.get("save_path"))
+
+
+# --- rtslib operations (run on the host) ---
+
+
+def _fabric() -> Any:
+    return rtslib.FabricModule("iscsi")
+
+
+def _lookup_target(iqn: str) -> Any | None:
+    try:
+        return rtslib.Target(_fabric(), iqn, mode="lookup")
+    except rtslib.RTSLibError:
+        return None
+
+
+def _tpg(target: Any) -> Any:
+    try:
+        return rtslib.TPG(target, TPG_TAG, mode="lookup")
+    except rtslib.RTSLibError as e:
+        raise ConflictError(f"target {target.wwn} has no TPG {TPG_TAG}") from e
+
+
+def _require_tpg(iqn: str) -> Any:
+    target = _lookup_target(iqn)
+    if target is None:
+        raise NotFoundError(f"target {iqn} is not exported")
+    return _tpg(target)
+
+
+def _lun0(tpg: Any) -> Any | None:
+    for lun in tpg.luns:
+        if lun.lun == LUN_INDEX:
+            return lun
+    return None
+
+
+def _lookup_so(name: str) -> Any | None:
+    try:
+        return rtslib.BlockStorageObject(name)
+    except rtslib.RTSLibError:
+        return None
+
+
+def _best_effort_attr(obj: Any, name: str, value: str) -> bool:
+    try:
+        obj.set_attribute(name, value)
+        return True
+    except rtslib.RTSLibError:
+        return False
+
+
+def op_export(op: dict[str, Any]) -> dict[str, Any]:
+    created = False
+    so = _lookup_so(op["volume"])
+    if so is not None:
+        if os.path.realpath(so.udev_path) != os.path.realpath(op["device"]):
+            raise ConflictError(f"backstore {op['volume']} exists on {so.udev_path}, not {op['device']}")
+        if so.wwn != op["serial"]:
+            raise ConflictError(f"backstore {op['volume']} has serial {so.wwn}, not {op['serial']}")
+    else:
+        so = rtslib.BlockStorageObject(op["volume"], dev=op["device"], wwn=op["serial"])
+        created = True
+        # Thin LVs: pass SCSI UNMAP / WRITE SAME(unmap) down so discards free pool space.
+        _best_effort_attr(so, "emulate_tpu", "1")
+        _best_effort_attr(so, "emulate_tpws", "1")
+
+    target = rtslib.Target(_fabric(), op["target"], mode="any")
+    try:
+        tpg = rtslib.TPG(target, TPG_TAG, mode="lookup")
+    except rtslib.RTSLibError:
+        tpg = rtslib.TPG(target, TPG_TAG, mode="create")
+        # CHAP is enforced per ACL (see _set_acl_auth); the TPG itself must allow AuthMethod=None.
+        # Only at creation: an old-kernel fallback may have switched it on deliberately.
+        tpg.set_attribute("authentication", "0")
+    # Explicit ACLs only: an initiator without an ACL cannot log in, and one with an ACL sees only
+    # the LUNs mapped into it (LUN masking per published node).
+    tpg.set_attribute("generate_node_acls", "0")
+    tpg.set_attribute("demo_mode_write_protect", "0")
+    tpg.set_attribute("cache_dynamic_acls", "0")
+
+    lun = _lun0(tpg)
+    if lun is None:
+        lun = rtslib.LUN(tpg, LUN_INDEX, so)
+        created = True
+    elif lun.storage_object.name != so.name or lun.storage_object.plugin != so.plugin:
+        raise ConflictError(f"{op['target']} LUN {LUN_INDEX} maps {lun.storage_object.name}")
+
+    want = set(op["portals"])
+    have = {(np.ip_address, np.port): np for np in tpg.network_portals}
+    for key in sorted(want - set(have)):
+        rtslib.NetworkPortal(tpg, key[0], key[1], mode="any")
+        created = True
+    for key in sorted(set(have) - want):
+        have[key].delete()
+    tpg.enable = True
+    return {
+        "target": op["target"],
+        "lun": LUN_INDEX,
+        "serial": so.wwn,
+        "device": so.udev_path,
+        "portals": [_portal_str(ip, port) for ip, port in sorted(want)],
+        "changed": created,
+    }
+
+
+def _portal_str(ip: str, port: int) -> str:
+    return f"{ip}:{port}"
+
+
+def op_unexport(op: dict[str, Any]) -> dict[str, Any]:
+    removed = False
+    target = _lookup_target(op["target"])
+    if target is not None:
+        target.delete()  # disables the TPG, drops sessions, ACLs, LUNs and portals
+        removed = True
+    so = _lookup_so(op["volume"])
+    if so is not None:
+        if any(True for _ in so.attached_luns):
+            raise ConflictError(f"backstore {op['volume']} is still used by another target")
+        so.delete()
+        removed = True
+    return {"target": op["target"], "changed": removed}
+
+
+def _set_acl_auth(tpg: Any, acl: Any, chap: dict[str, str] | None) -> str:
+    """Apply CHAP to one ACL. Returns where authentication is enforced: 'acl', 'tpg' or 'none'.
+
+    Kernels >= 5.19 (Debian 12: 6.1) have a per-ACL 'authentication' attribute, so nodes with and
+    without CHAP can share a target. Older kernels only have the TPG-wide switch.
+    """
+    acl.chap_userid = chap["user"] if chap else ""
+    acl.chap_password = chap["password"] if chap else ""
+    acl.chap_mutual_userid = (chap or {}).get("mutual_user", "")
+    acl.chap_mutual_password = (chap or {}).get("mutual_password", "")
+    if _best_effort_attr(acl, "authentication", "1" if chap else "0"):
+        return "acl" if chap else "none"
+    if chap:
+        tpg.set_attribute("authentication", "1")
+        return "tpg"
+    return "none"
+
+
+def op_add_initiator(op: dict[str, Any]) -> dict[str, Any]:
+    tpg = _require_tpg(op["target"])
+    lun = _lun0(tpg)
+    if lun is None:
+        raise ConflictError(f"{op['target']} has no LUN {LUN_INDEX}")
+    changed = False
+    try:
+        acl = rtslib.NodeACL(tpg, op["initiator"], mode="lookup")
+    except rtslib.RTSLibError:
+        acl = rtslib.NodeACL(tpg, op["initiator"], mode="create")
+        changed = True
+    auth = _set_acl_auth(tpg, acl, op["chap"])
+    mapped = {m.mapped_lun: m for m in acl.mapped_luns}
+    mlun = mapped.get(LUN_INDEX)
+    if mlun is not None and mlun.tpg_lun.lun != LUN_INDEX:
+        mlun.delete()
+        mlun = None
+    if mlun is None:
+        rtslib.MappedLUN(acl, LUN_INDEX, tpg_lun=lun, write_protect=op["readonly"])
+        changed = True
+    elif mlun.write_protect != op["readonly"]:
+        mlun.write_protect = op["readonly"]
+        changed = True
+    return {
+        "target": op["target"],
+        "initiator": acl.node_wwn,
+        "readonly": op["readonly"],
+        "auth": auth,
+        "changed": changed,
+    }
+
+
+def op_remove_initiator(op: dict[str, Any]) -> dict[str, Any]:
+    target = _lookup_target(op["target"])
+    if target is None:
+        return {"target": op["target"], "initiator": op["initiator"], "changed": False}
+    tpg = _tpg(target)
+    try:
+        acl = rtslib.NodeACL(tpg, op["initiator"], mode="lookup")
+    except rtslib.RTSLibError:
+        return {"target": op["target"], "initiator": op["initiator"], "changed": False}
+    acl.delete()  # also ends that initiator's session on this target
+    return {"target": op["target"], "initiator": op["initiator"], "changed": True}
+
+
+def _describe_acl(acl: Any) -> dict[str, Any]:
+    mapped = {m.mapped_lun: m for m in acl.mapped_luns}
+    mlun = mapped.get(LUN_INDEX)
+    return {
+        "initiator": acl.node_wwn,
+        "mapped": mlun is not None,
+        "readonly": bool(mlun.write_protect) if mlun is not None else None,
+        "chap_user": acl.chap_userid or None,  # never passwords
+        "mutual_chap": bool(acl.chap_mutual_userid),
+        "logged_in": acl.session is not None,
+    }
+
+
+def op_list_initiators(op: dict[str, Any]) -> dict[str, Any]:
+    tpg = _require_tpg(op["target"])
+    return {"target": op["target"], "initiators": [_describe_acl(a) for a in tpg.node_acls]}
+
+
+def _describe_target(target: Any, prefix: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "target": target.wwn,
+        "volume": target.wwn[len(prefix) + 1 :],
+        "device": None,
+        "serial": None,
+        "backstore": None,
+        "portals": [],
+        "initiators": [],
+        "enabled": False,
+    }
+    try:
+        tpg = rtslib.TPG(target, TPG_TAG, mode="lookup")
+    except rtslib.RTSLibError:
+        return info
+    lun = _lun0(tpg)
+    if lun is not None:
+        so = lun.storage_object
+        info.update(backstore=so.name, device=so.udev_path, serial=so.wwn)
+    info["portals"] = sorted(_portal_str(np.ip_address, np.port) for np in tpg.network_portals)
+    info["initiators"] = [_describe_acl(a) for a in tpg.node_acls]
+    info["enabled"] = bool(tpg.enable)
+    return info
+
+
+def op_list_exports(op: dict[str, Any]) -> dict[str, Any]:
+    fabric = _fabric()
+    prefix = op["iqn_prefix"]
+    if not fabric.exists:
+        return {"exports": []}
+    exports = [
+        _describe_target(t, prefix) for t in fabric.targets if t.wwn.startswith(prefix + ":")
+    ]
+    return {"exports": sorted(exports, key=lambda e: e["target"])}
+
+
+def op_save(op: dict[str, Any]) -> dict[str, Any]:
+    return _save(op.get("path"))
+
+
+def _save(path: str | None) -> dict[str, Any]:
+    # Debian's target.service restores /etc/rtslib-fb-target/saveconfig.json at boot; rtslib's
+    # default path is that file on Debian.
+    root = rtslib.RTSRoot()
+    if path:
+        root.save_to_file(path)
+    else:
+        root.save_to_file()
+    return {"saved": path or "default"}
+
+
+OPS = {
+    "export": op_export,
+    "unexport": op_unexport,
+    "add_initiator": op_add_initiator,
+    "remove_initiator": op_remove_initiator,
+    "list_initiators": op_list_initiators,
+    "list_exports": op_list_exports,
+    "save": op_save,
+}
+
+
+@contextlib.contextmanager
+def host_lock(path: str = LOCK_PATH) -> Iterator[None]:
+    """Serialise berth LIO programs on this host: configfs edits and saveconfig are not atomic."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def execute(ops: list[dict[str, Any]], save: bool, save_path: str | None) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    mutated = False
+    error: dict[str, Any] | None = None
+    for index, op in enumerate(ops):
+        try:
+            results.append(OPS[op["op"]](op))
+            mutated = mutated or (op["op"] in MUTATING and results[-1].get("changed", True))
+        except RequestError as e:
+            error = {"kind": e.kind, "message": str(e), "op_index": index}
+            break
+        except Exception as e:  # rtslib/OS errors: report, keep what was done consistent
+            error = {"kind": "internal", "message": f"{type(e).__name__}: {e}", "op_index": index}
+            break
+    # Save whatever reached the kernel, even after a failure, so a reboot restores the live state.
+    if save and mutated:
+        try:
+            _save(save_path)
+        except Exception as e:
+            error = error or {"kind": "internal", "message": f"save failed: {e}", "op_index": len(ops)}
+    if error:
+        return {"ok": False, "error": error, "results": results}
+    return {"ok": True, "results": results}
+
+
+def main(stdin: Any = None, stdout: Any = None) -> int:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    try:
+        req = json.loads(stdin.read())
+        ops, save, save_path = validate_request(req)
+        if rtslib is None:
+            raise UnavailableError("python3-rtslib-fb is not installed on the storage host")
+        with host_lock():
+            response = execute(ops, save, save_path)
+    except json.JSONDecodeError as e:
+        response = {"ok": False, "error": {"kind": "invalid", "message": f"bad JSON: {e}"}, "results": []}
+    except RequestError as e:
+        response = {"ok": False, "error": {"kind": e.kind, "message": str(e)}, "results": []}
+    stdout.write(json.dumps(response, sort_keys=True) + "\n")
+    stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
