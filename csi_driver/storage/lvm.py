@@ -337,7 +337,8 @@ class ThinPool:
             "--setactivationskip", "n",
             "--activate", "y",
             "--name", check_lv_name(new_lv),
-            *(["--permission", "r"] if read_only else []),
+            # Explicit: a clone of a read-only snapshot must itself be writable.
+            "--permission", "r" if read_only else "rw",
             *_addtags(encoded),
             "--yes",
             self._path(source_lv),
