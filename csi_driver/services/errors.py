@@ -1,0 +1,87 @@
+"""Domain errors → gRPC status codes, and per-object operation locks, shared by the CSI services."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import grpc
+
+from csi_driver.storage import errors as storage
+
+log = logging.getLogger("berth.services")
+
+STORAGE_ERROR_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (storage.NotFound, grpc.StatusCode.NOT_FOUND),
+    (storage.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (storage.CapacityExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (storage.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (storage.InUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (storage.Busy, grpc.StatusCode.ABORTED),
+    (storage.HostUnreachable, grpc.StatusCode.UNAVAILABLE),
+    (storage.CommandTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (storage.StorageError, grpc.StatusCode.INTERNAL),
+]
+
+
+class RpcError(Exception):
+    """Raised inside a service method to answer with a status; the decorator turns it into an abort."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc(method: F) -> F:
+    """Decorate a servicer method: RpcError and storage errors become gRPC statuses with their message."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except RpcError as err:
+            context.abort(err.code, str(err))
+        except storage.StorageError as err:
+            code = next(code for kind, code in STORAGE_ERROR_CODES if isinstance(err, kind))
+            context.abort(code, str(err))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class OperationLocks:
+    """One operation at a time per key (volume ID, request name); a second caller gets ABORTED at once.
+
+    The CO retries ABORTED with backoff, which is what the spec asks for when an operation is pending.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._mutex = threading.Lock()
+
+    @contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        wanted = {key for key in keys if key}
+        with self._mutex:
+            busy = wanted & self._held
+            if busy:
+                raise RpcError(
+                    grpc.StatusCode.ABORTED,
+                    f"an operation on {', '.join(sorted(busy))} is already in progress; retry later",
+                )
+            self._held |= wanted
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._held -= wanted

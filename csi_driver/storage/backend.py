@@ -1,0 +1,359 @@
+"""A backend: one LVM thin pool on one storage host, plus the protocol that exports its volumes.
+
+Everything a volume is (CSI name, parameters, content source, creation state, which nodes it is published to)
+is kept in the LV's tags, so a restarted controller finds it all again and keeps no database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+from . import tags as meta_keys
+from .errors import AlreadyExists, CapacityExhausted, InUse, InvalidRequest, NotFound
+from .ids import snapshot_lv_name, volume_lv_name
+from .lvm import LvInfo, ThinPool
+
+log = logging.getLogger("berth.storage")
+
+KIND_VOLUME = "volume"
+KIND_SNAPSHOT = "snapshot"
+# Metadata key prefix of a publication: pub.<node id> = "ro" | "rw".
+PUBLISHED_PREFIX = "pub."
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A node as the storage host needs it: its CSI node ID, iSCSI initiator name and IP addresses."""
+
+    node_id: str
+    initiator: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ContentSource:
+    kind: Literal["snapshot", "volume"]
+    lv: str
+
+    def encode(self) -> str:
+        return f"{self.kind}:{self.lv}"
+
+    @classmethod
+    def decode(cls, text: str) -> ContentSource | None:
+        kind, _, lv = text.partition(":")
+        return cls(kind, lv) if kind in ("snapshot", "volume") and lv else None  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Volume:
+    lv: str
+    name: str
+    size_bytes: int
+    parameters: dict[str, str]
+    source: ContentSource | None
+    published: dict[str, bool]  # node ID → read-only
+    ready: bool
+    active: bool
+    context: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    lv: str
+    name: str
+    source_lv: str
+    size_bytes: int
+    created: datetime
+
+
+class Exporter(Protocol):
+    """What differs between iSCSI and NFS: how a volume is made reachable, and by whom."""
+
+    protocol: str
+
+    def volume_context(self, lv: str) -> dict[str, str]:
+        """What a node needs besides the publish context (e.g. the LUN's WWN, the NFS export path)."""
+        ...
+
+    def prepare(self, lv: LvInfo, fresh: bool) -> None:
+        """Make a new (or half-created) volume exportable, e.g. create its filesystem when `fresh`."""
+        ...
+
+    def publish(
+        self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Let `node` reach the volume; returns publish_context. Idempotent."""
+        ...
+
+    def unpublish(self, lv: LvInfo, node: NodeRef) -> None:
+        """Take `node`'s access away. Idempotent."""
+        ...
+
+    def teardown(self, lv: LvInfo) -> None:
+        """Remove every export of the volume before the LV goes. Idempotent."""
+        ...
+
+    def grown(self, lv: LvInfo) -> bool:
+        """Called after the LV grew; returns whether the node must also expand (NodeExpandVolume)."""
+        ...
+
+    @contextmanager
+    def consistent(self, lv: LvInfo) -> Iterator[None]:
+        """Hold the volume consistent (e.g. a frozen filesystem) while a snapshot is taken."""
+        ...
+
+
+class LvmBackend:
+    def __init__(self, name: str, pool: ThinPool, exporter: Exporter, over_provisioning_ratio: float = 1.0):
+        self.name = name
+        self.pool = pool
+        self.exporter = exporter
+        self.over_provisioning_ratio = over_provisioning_ratio
+
+    @property
+    def protocol(self) -> str:
+        return self.exporter.protocol
+
+    # --- volumes ---
+
+    def create_volume(
+        self,
+        name: str,
+        required_bytes: int,
+        limit_bytes: int,
+        parameters: Mapping[str, str],
+        source: ContentSource | None,
+    ) -> Volume:
+        """Create, or finish creating, the volume for CSI name `name`; same name + same request → same volume."""
+        lv = volume_lv_name(name)
+        meta = {
+            meta_keys.KEY_NAME: name,
+            meta_keys.KEY_KIND: KIND_VOLUME,
+            **meta_keys.params_to_meta(parameters),
+        }
+        if source is not None:
+            meta[meta_keys.KEY_SOURCE] = source.encode()
+        size = self.pool.round_size(required_bytes)
+        if limit_bytes and size > limit_bytes:
+            raise InvalidRequest(
+                f"capacity {required_bytes} rounds up to {size} bytes (extent {self.pool.extent_size()} bytes), "
+                f"above the limit of {limit_bytes} bytes"
+            )
+        existing = self.pool.find(lv)
+        if existing is not None:
+            self._check_same_request(existing, meta, required_bytes, limit_bytes)
+        else:
+            available = self.available_bytes()
+            if size > available:
+                raise CapacityExhausted(
+                    f"backend {self.name} can offer {available} more bytes (thin pool free space x "
+                    f"over-provisioning ratio {self.over_provisioning_ratio}); {size} requested"
+                )
+            creating = {**meta, meta_keys.KEY_STATE: meta_keys.STATE_CREATING}
+            if source is None:
+                existing = self.pool.create_volume(lv, size, creating)
+            else:
+                existing = self.pool.clone(self._source_lv(source), lv, size, creating)
+        if existing.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
+            # A fresh LV, or one a crashed earlier attempt left half-made: finish it.
+            self.exporter.prepare(existing, fresh=source is None)
+            existing = self.pool.update_meta(lv, {meta_keys.KEY_STATE: meta_keys.STATE_READY})
+        return self._volume(existing)
+
+    def _source_lv(self, source: ContentSource) -> str:
+        info = self.pool.find(source.lv)
+        expected_kind = KIND_SNAPSHOT if source.kind == "snapshot" else KIND_VOLUME
+        if info is None or info.meta.get(meta_keys.KEY_KIND) != expected_kind:
+            raise NotFound(f"source {source.kind} {self.name}/{source.lv} not found")
+        return source.lv
+
+    def _check_same_request(
+        self, existing: LvInfo, meta: Mapping[str, str], required_bytes: int, limit_bytes: int
+    ) -> None:
+        name = meta[meta_keys.KEY_NAME]
+        if existing.meta.get(meta_keys.KEY_NAME) != name:
+            raise AlreadyExists(f"LV {existing.name} belongs to another volume (name hash collision)")
+        differences = sorted(
+            k
+            for k in set(meta) | set(existing.meta)
+            if _comparable(k) and meta.get(k) != existing.meta.get(k)
+        )
+        if differences:
+            raise AlreadyExists(
+                f"volume {name!r} already exists with different parameters or source ({', '.join(differences)})"
+            )
+        if existing.size_bytes < required_bytes or (limit_bytes and existing.size_bytes > limit_bytes):
+            raise AlreadyExists(
+                f"volume {name!r} already exists with {existing.size_bytes} bytes, incompatible with the "
+                f"requested range {required_bytes}..{limit_bytes or 'unlimited'}"
+            )
+
+    def get_volume(self, lv: str) -> Volume:
+        info = self.pool.find(lv)
+        if info is None or info.meta.get(meta_keys.KEY_KIND) != KIND_VOLUME:
+            raise NotFound(f"volume {self.name}/{lv} not found")
+        return self._volume(info)
+
+    def list_volumes(self) -> list[Volume]:
+        return [self._volume(i) for i in self.pool.list({meta_keys.KEY_KIND: KIND_VOLUME})]
+
+    def delete_volume(self, lv: str) -> None:
+        """Remove the volume; a missing one is fine. Thin snapshots of it stay valid (they share no LV)."""
+        info = self.pool.find(lv)
+        if info is None:
+            return
+        if info.meta.get(meta_keys.KEY_KIND) != KIND_VOLUME:
+            raise NotFound(f"{self.name}/{lv} is not a volume")
+        published = _published(info)
+        if published:
+            raise InUse(f"volume {self.name}/{lv} is still published to {', '.join(sorted(published))}")
+        self.exporter.teardown(info)
+        self.pool.remove(lv)
+
+    def expand_volume(self, lv: str, required_bytes: int, limit_bytes: int) -> tuple[int, bool]:
+        """Grow the volume; returns (new size, whether the node must expand too)."""
+        volume = self.get_volume(lv)
+        size = self.pool.round_size(required_bytes)
+        if limit_bytes and size > limit_bytes:
+            raise InvalidRequest(
+                f"capacity {required_bytes} rounds up to {size}, above the limit {limit_bytes}"
+            )
+        if size <= volume.size_bytes:
+            return volume.size_bytes, self.exporter.protocol == "iscsi"
+        self.pool.resize(lv, size)
+        return self.pool.get(lv).size_bytes, self.exporter.grown(self.pool.get(lv))
+
+    # --- publication ---
+
+    def publish(
+        self, lv: str, node: NodeRef, readonly: bool, multi_node: bool, secrets: Mapping[str, str]
+    ) -> dict[str, str]:
+        info = self._ready_volume(lv)
+        published = _published(info)
+        if node.node_id in published:
+            if published[node.node_id] != readonly:
+                mode = "read-only" if published[node.node_id] else "read-write"
+                raise AlreadyExists(f"volume {self.name}/{lv} is already published {mode} to this node")
+        elif published and not multi_node:
+            raise InUse(
+                f"volume {self.name}/{lv} is published to {', '.join(sorted(published))}; its access mode "
+                "allows a single node (use a MULTI_NODE_* access mode to publish on several nodes)"
+            )
+        context = self.exporter.publish(info, node, readonly, secrets)
+        # Record after the export exists: a crash in between leaves an export Unpublish still removes.
+        self.pool.update_meta(lv, {PUBLISHED_PREFIX + node.node_id: "ro" if readonly else "rw"})
+        return context
+
+    def unpublish(self, lv: str, node: NodeRef) -> None:
+        info = self.pool.find(lv)
+        if info is None:
+            return  # a deleted volume is unpublished everywhere
+        self.exporter.unpublish(info, node)
+        self.pool.update_meta(lv, {PUBLISHED_PREFIX + node.node_id: None})
+
+    def publications_of(self, node_id: str) -> int:
+        return sum(1 for volume in self.list_volumes() if node_id in volume.published)
+
+    def _ready_volume(self, lv: str) -> LvInfo:
+        info = self.pool.find(lv)
+        if info is None or info.meta.get(meta_keys.KEY_KIND) != KIND_VOLUME:
+            raise NotFound(f"volume {self.name}/{lv} not found")
+        if info.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
+            raise InUse(f"volume {self.name}/{lv} is still being created")
+        return info
+
+    # --- snapshots ---
+
+    def create_snapshot(self, name: str, source_lv: str) -> Snapshot:
+        lv = snapshot_lv_name(name)
+        meta = {
+            meta_keys.KEY_NAME: name,
+            meta_keys.KEY_KIND: KIND_SNAPSHOT,
+            meta_keys.KEY_SOURCE: ContentSource("volume", source_lv).encode(),
+        }
+        existing = self.pool.find(lv)
+        if existing is not None:
+            if (
+                existing.meta.get(meta_keys.KEY_NAME) != name
+                or existing.meta.get(meta_keys.KEY_SOURCE) != meta[meta_keys.KEY_SOURCE]
+            ):
+                raise AlreadyExists(f"snapshot {name!r} already exists for another source volume")
+            return self._snapshot(existing)
+        source = self._ready_volume(source_lv)
+        with self.exporter.consistent(source):
+            info = self.pool.snapshot(source_lv, lv, meta, read_only=True)
+        return self._snapshot(info)
+
+    def get_snapshot(self, lv: str) -> Snapshot:
+        info = self.pool.find(lv)
+        if info is None or info.meta.get(meta_keys.KEY_KIND) != KIND_SNAPSHOT:
+            raise NotFound(f"snapshot {self.name}/{lv} not found")
+        return self._snapshot(info)
+
+    def list_snapshots(self) -> list[Snapshot]:
+        return [self._snapshot(i) for i in self.pool.list({meta_keys.KEY_KIND: KIND_SNAPSHOT})]
+
+    def delete_snapshot(self, lv: str) -> None:
+        info = self.pool.find(lv)
+        if info is None:
+            return
+        if info.meta.get(meta_keys.KEY_KIND) != KIND_SNAPSHOT:
+            raise NotFound(f"{self.name}/{lv} is not a snapshot")
+        self.pool.remove(lv)
+
+    # --- capacity ---
+
+    def available_bytes(self) -> int:
+        capacity = self.pool.capacity()
+        promised = sum(v.size_bytes for v in self.list_volumes())
+        # Thin pools promise more than they hold: offer the ratio times the pool, minus what is promised,
+        # but never more than what is physically free times the ratio.
+        by_ratio = int(capacity.size_bytes * self.over_provisioning_ratio) - promised
+        return max(0, min(by_ratio, int(capacity.free_bytes * self.over_provisioning_ratio)))
+
+    # --- conversions ---
+
+    def _volume(self, info: LvInfo) -> Volume:
+        source_text = info.meta.get(meta_keys.KEY_SOURCE, "")
+        return Volume(
+            lv=info.name,
+            name=info.meta.get(meta_keys.KEY_NAME, ""),
+            size_bytes=info.size_bytes,
+            parameters=meta_keys.meta_to_params(info.meta),
+            source=ContentSource.decode(source_text) if source_text else None,
+            published=_published(info),
+            ready=info.meta.get(meta_keys.KEY_STATE) == meta_keys.STATE_READY,
+            active=info.active,
+            context={
+                "protocol": self.protocol,
+                "backend": self.name,
+                **self.exporter.volume_context(info.name),
+            },
+        )
+
+    def _snapshot(self, info: LvInfo) -> Snapshot:
+        source = ContentSource.decode(info.meta.get(meta_keys.KEY_SOURCE, ""))
+        return Snapshot(
+            lv=info.name,
+            name=info.meta.get(meta_keys.KEY_NAME, ""),
+            source_lv=source.lv if source else "",
+            size_bytes=info.size_bytes,
+            created=info.created or datetime.now(UTC),
+        )
+
+
+def _comparable(key: str) -> bool:
+    return key not in (meta_keys.KEY_STATE, meta_keys.KEY_CREATED) and not key.startswith(PUBLISHED_PREFIX)
+
+
+def _published(info: LvInfo) -> dict[str, bool]:
+    return {
+        key.removeprefix(PUBLISHED_PREFIX): value == "ro"
+        for key, value in info.meta.items()
+        if key.startswith(PUBLISHED_PREFIX)
+    }

@@ -1,0 +1,123 @@
+"""In-memory stand-ins for the storage host, for unit tests of the controller's logic only."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from csi_driver.storage import tags as tagcodec
+from csi_driver.storage.errors import NotFound
+from csi_driver.storage.lvm import LvInfo, PoolCapacity, round_up
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class FakeThinPool:
+    def __init__(self, size_bytes: int = 100 * GiB, extent: int = 4 * MiB) -> None:
+        self.vg, self.pool = "berth", "pool"
+        self.size_bytes = size_bytes
+        self.extent = extent
+        self.lvs: dict[str, LvInfo] = {}
+        self.calls: list[str] = []
+
+    def extent_size(self) -> int:
+        return self.extent
+
+    def round_size(self, size_bytes: int) -> int:
+        return round_up(size_bytes, self.extent)
+
+    def _make(self, name: str, size: int, meta: dict[str, str], origin: str = "") -> LvInfo:
+        encoded = tuple(tagcodec.encode_tags(meta))
+        return LvInfo(
+            name=name, vg=self.vg, uuid=name, size_bytes=size, attr="Vwi-a-tz--", tags=encoded,
+            meta=tagcodec.decode_tags(encoded), origin=origin, pool=self.pool,
+            created=datetime(2026, 11, 26, tzinfo=UTC), data_percent=0.0, metadata_percent=0.0,
+        )  # fmt: skip
+
+    def find(self, lv: str) -> LvInfo | None:
+        return self.lvs.get(lv)
+
+    def get(self, lv: str) -> LvInfo:
+        if lv not in self.lvs:
+            raise NotFound(f"logical volume {self.vg}/{lv} not found")
+        return self.lvs[lv]
+
+    def list(self, tag_filter=None, managed_only=True) -> list[LvInfo]:
+        want = dict(tag_filter or {})
+        return [i for i in self.lvs.values() if all(i.meta.get(k) == v for k, v in want.items())]
+
+    def create_volume(self, lv: str, size: int, tags) -> LvInfo:
+        self.calls.append(f"create {lv}")
+        self.lvs[lv] = self._make(lv, self.round_size(size), dict(tags))
+        return self.lvs[lv]
+
+    def snapshot(self, source_lv: str, new_lv: str, tags, read_only: bool = False) -> LvInfo:
+        self.calls.append(f"snapshot {source_lv} {new_lv}")
+        source = self.get(source_lv)
+        self.lvs[new_lv] = self._make(new_lv, source.size_bytes, dict(tags), origin=source_lv)
+        return self.lvs[new_lv]
+
+    def clone(self, source_lv: str, new_lv: str, size: int, tags) -> LvInfo:
+        info = self.snapshot(source_lv, new_lv, tags)
+        if info.size_bytes < size:
+            self.resize(new_lv, size)
+        return self.lvs[new_lv]
+
+    def resize(self, lv: str, size: int) -> int:
+        info = self.get(lv)
+        self.lvs[lv] = replace(info, size_bytes=max(info.size_bytes, self.round_size(size)))
+        return self.lvs[lv].size_bytes
+
+    def remove(self, lv: str) -> bool:
+        self.calls.append(f"remove {lv}")
+        return self.lvs.pop(lv, None) is not None
+
+    def update_meta(self, lv: str, changes) -> LvInfo:
+        info = self.get(lv)
+        meta = {k: v for k, v in info.meta.items()}
+        for key, value in changes.items():
+            if value is None:
+                meta.pop(key, None)
+            else:
+                meta[key] = value
+        encoded = tuple(tagcodec.encode_tags(meta))
+        self.lvs[lv] = replace(info, tags=encoded, meta=tagcodec.decode_tags(encoded))
+        return self.lvs[lv]
+
+    def capacity(self) -> PoolCapacity:
+        used = sum(i.size_bytes for i in self.lvs.values()) // 10  # thin: little is written
+        return PoolCapacity(self.size_bytes, used, self.size_bytes - used, used * 100 / self.size_bytes, 1.0)
+
+
+class FakeExporter:
+    def __init__(self, protocol: str = "iscsi") -> None:
+        self.protocol = protocol
+        self.acls: dict[str, dict[str, bool]] = {}
+        self.prepared: list[str] = []
+        self.frozen: list[str] = []
+
+    def volume_context(self, lv: str) -> dict[str, str]:
+        return {"wwn": f"wwn-{lv}"} if self.protocol == "iscsi" else {"nfsServer": "198.18.0.1", "nfsExport": lv}
+
+    def prepare(self, lv: LvInfo, fresh: bool) -> None:
+        self.prepared.append(lv.name)
+
+    def publish(self, lv: LvInfo, node, readonly: bool, secrets) -> dict[str, str]:
+        self.acls.setdefault(lv.name, {})[node.initiator] = readonly
+        return {"targetIqn": f"iqn.2026-11.io.csi.berth:{lv.name}", "targetPortals": "198.18.0.1:3260"}
+
+    def unpublish(self, lv: LvInfo, node) -> None:
+        self.acls.get(lv.name, {}).pop(node.initiator, None)
+
+    def teardown(self, lv: LvInfo) -> None:
+        self.acls.pop(lv.name, None)
+
+    def grown(self, lv: LvInfo) -> bool:
+        return self.protocol == "iscsi"
+
+    @contextmanager
+    def consistent(self, lv: LvInfo):
+        self.frozen.append(lv.name)
+        yield

@@ -1,0 +1,284 @@
+"""The controller's CSI behaviour over real gRPC, with the storage host replaced by in-memory fakes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from csi_driver.csi import csi_pb2, csi_pb2_grpc
+from csi_driver.server.endpoint import parse_endpoint
+from csi_driver.server.grpc_server import CsiServer, ServerOptions
+from csi_driver.services.controller import ControllerService
+from csi_driver.services.errors import OperationLocks, RpcError
+from csi_driver.storage.backend import LvmBackend
+from tests.unit.fakes import FakeExporter, FakeThinPool, GiB, MiB
+
+Cap = csi_pb2.VolumeCapability
+Mode = Cap.AccessMode
+NODE_A = "iqn.2026-11.io.berth.lab:node1|198.18.0.11,198.18.1.11"
+NODE_B = "iqn.2026-11.io.berth.lab:node2|198.18.0.12"
+
+
+def capability(mode=Mode.SINGLE_NODE_WRITER, block=False, fs_type=""):
+    if block:
+        return Cap(block=Cap.BlockVolume(), access_mode=Mode(mode=mode))
+    return Cap(mount=Cap.MountVolume(fs_type=fs_type), access_mode=Mode(mode=mode))
+
+
+@pytest.fixture
+def backends():
+    return {
+        "blk": LvmBackend("blk", FakeThinPool(), FakeExporter("iscsi")),
+        "files": LvmBackend("files", FakeThinPool(), FakeExporter("nfs")),
+    }
+
+
+@pytest.fixture
+def controller(backends, tmp_path):
+    service = ControllerService(backends, default_backend="blk", max_volumes_per_node=3)
+    server = CsiServer(
+        parse_endpoint(f"unix://{tmp_path}/csi.sock"),
+        [lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(service, s)],
+        ServerOptions(),
+    )
+    server.start()
+    yield csi_pb2_grpc.ControllerStub(grpc.insecure_channel(f"unix:{tmp_path}/csi.sock"))
+    server.stop(0)
+
+
+def create(stub, name="pvc-1", size=GiB, limit=0, caps=None, **parameters):
+    return stub.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size, limit_bytes=limit),
+            volume_capabilities=caps or [capability()],
+            parameters=parameters,
+        )
+    ).volume
+
+
+def status_of(call, *args) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(*args)
+    return caught.value.code(), caught.value.details()
+
+
+def test_create_is_idempotent_and_rounds_to_extents(controller):
+    first = create(controller, size=GiB + 1)
+    again = create(controller, size=GiB + 1)
+    assert first.volume_id == again.volume_id and first.volume_id.startswith("blk/vol-")
+    assert first.capacity_bytes == GiB + 4 * MiB
+    assert first.volume_context["protocol"] == "iscsi" and first.volume_context["wwn"]
+
+
+def test_create_same_name_other_size_already_exists(controller):
+    create(controller, size=GiB, limit=GiB)
+    code, message = status_of(create, controller, "pvc-1", 2 * GiB)
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "pvc-1" in message
+
+
+def test_create_same_name_other_parameters_already_exists(controller):
+    create(controller)
+    code, message = status_of(lambda: create(controller, fsType="xfs"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "fsType" in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"name": ""}, "needs a name"),
+        ({"caps": [Cap(access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER))]}, "access type"),
+        ({"caps": [capability(Mode.MULTI_NODE_MULTI_WRITER)]}, "use an NFS StorageClass"),
+        ({"caps": [capability(fs_type="btrfs")]}, "'btrfs' is not supported"),
+        ({"caps": [capability(block=True)], "backend": "files"}, "raw block access needs an iSCSI"),
+        ({"backend": "nope"}, "unknown backend 'nope'"),
+        ({"fstype": "xfs"}, "unknown StorageClass parameter(s) fstype"),
+    ],
+)
+def test_create_rejects_with_clear_message(controller, kwargs, expected):
+    code, message = status_of(lambda: create(controller, **kwargs))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in message
+
+
+def test_rwx_block_on_iscsi_and_rwx_mount_on_nfs_are_fine(controller):
+    create(controller, name="vm-disk", caps=[capability(Mode.MULTI_NODE_MULTI_WRITER, block=True)])
+    create(controller, name="shared", caps=[capability(Mode.MULTI_NODE_MULTI_WRITER)], backend="files")
+
+
+def test_capacity_exhausted(controller):
+    code, _ = status_of(create, controller, "huge", 200 * GiB)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_limit_below_required_is_out_of_range(controller):
+    code, _ = status_of(create, controller, "pvc-x", 2 * GiB, GiB)
+    assert code == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_clone_from_snapshot_and_volume(controller, backends):
+    volume = create(controller)
+    snapshot = controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="snap-1", source_volume_id=volume.volume_id)
+    ).snapshot
+    assert snapshot.ready_to_use and snapshot.source_volume_id == volume.volume_id
+    assert snapshot.creation_time.seconds > 0
+    source = csi_pb2.VolumeContentSource(
+        snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
+    )
+    restored = controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="restored", capacity_range=csi_pb2.CapacityRange(required_bytes=2 * GiB),
+            volume_capabilities=[capability()], volume_content_source=source,
+        )
+    ).volume  # fmt: skip
+    assert restored.content_source.snapshot.snapshot_id == snapshot.snapshot_id
+    assert restored.capacity_bytes == 2 * GiB, "a larger requested size expands the clone"
+    assert backends["blk"].exporter.frozen == [volume.volume_id.split("/")[1]]
+
+    missing = csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id="blk/vol-0000"))
+    code, _ = status_of(
+        controller.CreateVolume,
+        csi_pb2.CreateVolumeRequest(name="c2", volume_capabilities=[capability()], volume_content_source=missing),
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_snapshot_name_reused_for_another_source(controller):
+    one, two = create(controller, "one"), create(controller, "two")
+    controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=one.volume_id))
+    again = controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=one.volume_id))
+    assert again.snapshot.source_volume_id == one.volume_id
+    code, _ = status_of(
+        controller.CreateSnapshot, csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=two.volume_id)
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_list_snapshots_filters_and_pages(controller):
+    volume = create(controller)
+    requests = [csi_pb2.CreateSnapshotRequest(name=f"s{i}", source_volume_id=volume.volume_id) for i in range(5)]
+    ids = [controller.CreateSnapshot(request).snapshot.snapshot_id for request in requests]
+    page = controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(max_entries=2))
+    assert len(page.entries) == 2 and page.next_token
+    rest = controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(starting_token=page.next_token))
+    seen = [e.snapshot.snapshot_id for e in [*page.entries, *rest.entries]]
+    assert sorted(seen) == sorted(ids) and not rest.next_token
+    only = controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(snapshot_id=ids[3]))
+    assert [e.snapshot.snapshot_id for e in only.entries] == [ids[3]]
+    assert not controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(snapshot_id="none-exist-id")).entries
+    code, _ = status_of(controller.GetSnapshot, csi_pb2.GetSnapshotRequest(snapshot_id="none-exist-id"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def publish(stub, volume_id, node=NODE_A, mode=Mode.SINGLE_NODE_WRITER, readonly=False, block=False):
+    return stub.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=volume_id, node_id=node, volume_capability=capability(mode, block=block), readonly=readonly
+        )
+    )
+
+
+def test_publish_rules(controller, backends):
+    volume = create(controller)
+    context = publish(controller, volume.volume_id).publish_context
+    assert context["targetIqn"].endswith(volume.volume_id.split("/")[1])
+    publish(controller, volume.volume_id)  # idempotent
+    code, _ = status_of(publish, controller, volume.volume_id, NODE_A, Mode.SINGLE_NODE_WRITER, True)
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    code, message = status_of(publish, controller, volume.volume_id, NODE_B)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "single node" in message
+    code, _ = status_of(publish, controller, volume.volume_id, "fake-node-id-123")
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = status_of(publish, controller, "blk/vol-00000000000000000000")
+    assert code == grpc.StatusCode.NOT_FOUND
+
+    code, message = status_of(controller.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "still published" in message
+    controller.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id, node_id=NODE_A)
+    )
+    controller.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id, node_id=NODE_A)
+    )
+    controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    assert not backends["blk"].pool.lvs
+
+
+def test_rwx_block_publishes_on_two_nodes_and_lists_them(controller):
+    rwx = Mode.MULTI_NODE_MULTI_WRITER
+    volume = create(controller, caps=[capability(rwx, block=True)])
+    publish(controller, volume.volume_id, NODE_A, rwx, block=True)
+    publish(controller, volume.volume_id, NODE_B, rwx, block=True)
+    got = controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
+    assert sorted(got.status.published_node_ids) == sorted([NODE_A, NODE_B])
+    assert not got.status.volume_condition.abnormal
+
+
+def test_attach_limit(controller):
+    for i in range(3):
+        publish(controller, create(controller, f"v{i}").volume_id)
+    code, message = status_of(publish, controller, create(controller, "v3").volume_id)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 3" in message
+
+
+def test_delete_unknown_ids_is_ok(controller):
+    for volume_id in ("fake-vol-id", "blk/vol-00000000000000000000", "other/vol-1"):
+        controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+    controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id="reallyfakesnapshotid"))
+
+
+def test_list_volumes_pages_and_rejects_bad_token(controller):
+    created = {create(controller, f"v{i}").volume_id for i in range(3)}
+    first = controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=2))
+    rest = controller.ListVolumes(csi_pb2.ListVolumesRequest(starting_token=first.next_token))
+    assert {e.volume.volume_id for e in [*first.entries, *rest.entries]} == created
+    code, _ = status_of(controller.ListVolumes, csi_pb2.ListVolumesRequest(starting_token="invalid-token"))
+    assert code == grpc.StatusCode.ABORTED
+
+
+def test_expand(controller):
+    volume = create(controller)
+    grown = controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=3 * GiB)
+        )
+    )
+    assert grown.capacity_bytes == 3 * GiB and grown.node_expansion_required
+    code, _ = status_of(
+        controller.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(volume_id=volume.volume_id)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_validate_and_capacity(controller):
+    volume = create(controller)
+    ok = controller.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=volume.volume_id, volume_capabilities=[capability()])
+    )
+    assert ok.confirmed.volume_capabilities
+    refused = controller.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id, volume_capabilities=[capability(Mode.MULTI_NODE_MULTI_WRITER)]
+        )
+    )
+    assert not refused.HasField("confirmed") and "NFS" in refused.message
+    code, _ = status_of(
+        controller.ValidateVolumeCapabilities,
+        csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id="blk/vol-1", volume_capabilities=[capability()]),
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    capacity = controller.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity
+    assert 0 < capacity <= 100 * GiB - GiB
+
+
+def test_second_operation_on_same_volume_is_aborted():
+    locks = OperationLocks()
+    with locks.hold("blk/vol-1"):
+        with pytest.raises(RpcError) as caught, locks.hold("blk/vol-1"):
+            pass
+        assert caught.value.code == grpc.StatusCode.ABORTED
+        with locks.hold("blk/vol-2"):
+            pass
+    with locks.hold("blk/vol-1"):
+        pass
