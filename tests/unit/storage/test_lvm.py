@@ -1,0 +1,396 @@
+import json
+
+import pytest
+
+from csi_driver.storage import tags
+from csi_driver.storage.errors import (
+    AlreadyExists,
+    Busy,
+    CapacityExhausted,
+    CommandFailed,
+    InUse,
+    InvalidRequest,
+    NotFound,
+    StorageError,
+)
+from csi_driver.storage.lvm import LvInfo, ThinPool, classify_lvm_error, parse_report, round_up
+
+from .fakes import FakeRunner, lv_row, lvs_json, vgs_json
+
+MiB = 1024 * 1024
+EXT = 4 * MiB
+LV = "vol-0123456789abcdef0123"
+NOT_FOUND = f'  Failed to find logical volume "berth/{LV}"\n'
+
+SHELL_METAS = set(";&|`$<>\n")
+
+
+def pool_with(runner: FakeRunner) -> ThinPool:
+    runner.on("vgs", stdout=vgs_json(EXT))
+    return ThinPool(runner, "berth", "pool")
+
+
+def assert_no_shell(runner: FakeRunner) -> None:
+    """Every command is a plain argv: no shell wrapper, and LVM is the program."""
+    for argv in runner.argvs():
+        assert argv[0] in {"lvs", "vgs", "lvcreate", "lvremove", "lvextend", "lvchange"}, argv
+        assert argv[0] not in {"sh", "bash"} and "-c" not in argv[:2]
+
+
+def test_round_up():
+    assert round_up(1, EXT) == EXT
+    assert round_up(EXT, EXT) == EXT
+    assert round_up(EXT + 1, EXT) == 2 * EXT
+    for bad in (0, -1):
+        with pytest.raises(InvalidRequest):
+            round_up(bad, EXT)
+
+
+def test_extent_size_parsed_and_cached():
+    r = FakeRunner()
+    pool = pool_with(r)
+    assert pool.extent_size() == EXT
+    assert pool.extent_size() == EXT
+    assert len(r.argvs("vgs")) == 1
+    argv = r.argvs("vgs")[0]
+    assert argv[-1] == "berth"
+    assert ["--reportformat", "json", "--units", "b", "--nosuffix"] == argv[1:6]
+
+
+def test_create_volume_rounds_up_and_tags():
+    r = FakeRunner()
+    pool = pool_with(r)
+    state = {"created": False}
+
+    def lvs(argv, _):
+        if not state["created"]:
+            return 5, "", NOT_FOUND
+        return 0, lvs_json(lv_row(LV, 3 * EXT, tags.encode_tags({"name": "pvc 1; $(x)"}))), ""
+
+    def lvcreate(argv, _):
+        state["created"] = True
+        return 0, "", f'  Logical volume "{LV}" created.\n'
+
+    r.on_call("lvs", responder=lvs).on_call("lvcreate", responder=lvcreate)
+    info = pool.create_volume(LV, 2 * EXT + 123, {"name": "pvc 1; $(x)"})
+    assert info.size_bytes == 3 * EXT
+    (argv,) = r.argvs("lvcreate")
+    assert argv[argv.index("--virtualsize") + 1] == f"{3 * EXT}b"
+    assert argv[argv.index("--thinpool") + 1] == "pool"
+    assert argv[argv.index("--name") + 1] == LV
+    assert argv[argv.index("--type") + 1] == "thin"
+    assert argv[-1] == "berth"
+    added = [argv[i + 1] for i, a in enumerate(argv) if a == "--addtag"]
+    assert tags.decode_tags(added) == {"name": "pvc 1; $(x)"}
+    # The hostile name travels as an escaped tag: no shell metacharacter in any argument.
+    assert not any(SHELL_METAS & set(a) for a in argv)
+    assert_no_shell(r)
+
+
+def test_create_volume_idempotent_and_conflict():
+    r = FakeRunner()
+    pool = pool_with(r)
+    meta = {"name": "pvc-1", "kind": "volume"}
+    existing = lv_row(LV, 2 * EXT, tags.encode_tags({**meta, "state": "ready"}))
+    r.on("lvs", stdout=lvs_json(existing))
+    # Same size (after rounding) and metadata: returned as is, state differences ignored.
+    info = pool.create_volume(LV, 2 * EXT - 5, {**meta, "state": "creating"})
+    assert info.name == LV and info.meta["state"] == "ready"
+    assert r.argvs("lvcreate") == []
+    with pytest.raises(AlreadyExists):
+        pool.create_volume(LV, 3 * EXT, meta)
+    with pytest.raises(AlreadyExists):
+        pool.create_volume(LV, 2 * EXT, {**meta, "name": "pvc-other"})
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        '  Volume group "berth" has insufficient free space (10 extents): 256 required.\n',
+        "  Cannot create new thin volume, free space in thin pool berth/pool reached threshold.\n",
+        "  Insufficient suitable allocatable extents for logical volume x: 5 more required\n",
+    ],
+)
+def test_lvcreate_capacity_errors(stderr):
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", rc=5, stderr=NOT_FOUND).on("lvcreate", rc=5, stderr=stderr)
+    with pytest.raises(CapacityExhausted) as exc:
+        pool.create_volume(LV, EXT, {"name": "x"})
+    assert isinstance(exc.value.__cause__, CommandFailed)
+    assert "lvcreate" in str(exc.value)
+
+
+def test_lvcreate_missing_pool_is_not_a_missing_volume():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", rc=5, stderr=NOT_FOUND).on("lvcreate", rc=5, stderr='  Volume group "berth" not found\n')
+    with pytest.raises(CommandFailed) as exc:
+        pool.create_volume(LV, EXT, {"name": "x"})
+    assert not isinstance(exc.value, NotFound)
+
+
+def test_create_race_resolved_by_reading_back():
+    r = FakeRunner()
+    pool = pool_with(r)
+    calls = {"n": 0}
+
+    def lvs(argv, _):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return 5, "", NOT_FOUND
+        return 0, lvs_json(lv_row(LV, EXT, tags.encode_tags({"name": "x"}))), ""
+
+    r.on_call("lvs", responder=lvs)
+    r.on("lvcreate", rc=5, stderr=f'  Logical Volume "{LV}" already exists in volume group "berth"\n')
+    assert pool.create_volume(LV, EXT, {"name": "x"}).name == LV
+
+
+def test_get_parses_lvs_json():
+    r = FakeRunner()
+    pool = pool_with(r)
+    row = lv_row(LV, 5 * EXT, tags.encode_tags({"name": "pvc-9", "kind": "volume"}) + ["foreign"])
+    row["origin"] = "vol-origin"
+    row["data_percent"] = "12.50"
+    r.on("lvs", stdout=lvs_json(row))
+    info = pool.get(LV)
+    assert info.size_bytes == 5 * EXT
+    assert info.meta == {"name": "pvc-9", "kind": "volume"}
+    assert "foreign" in info.tags and info.managed
+    assert info.origin == "vol-origin" and info.pool == "pool"
+    assert info.data_percent == 12.5 and info.metadata_percent is None
+    assert info.created is not None and info.created.year == 2025 and info.created.utcoffset() is not None
+    assert info.active and not info.open and not info.read_only
+    assert info.device_path == f"/dev/berth/{LV}"
+    argv = r.argvs("lvs")[0]
+    assert argv[-1] == f"berth/{LV}"
+    assert "lv_tags" in argv[argv.index("-o") + 1]
+
+
+def test_get_missing_is_not_found_and_find_is_none():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", rc=5, stderr=NOT_FOUND)
+    with pytest.raises(NotFound):
+        pool.get(LV)
+    assert pool.find(LV) is None
+
+
+def test_get_rejects_bad_names_before_running_anything():
+    r = FakeRunner()
+    pool = pool_with(r)
+    for bad in ["a b", "-rf", "x;y", "../x"]:
+        with pytest.raises(InvalidRequest):
+            pool.get(bad)
+    assert r.argvs("lvs") == []
+
+
+def test_remove_is_idempotent():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvremove", stdout=f'  Logical volume "{LV}" successfully removed.\n')
+    assert pool.remove(LV) is True
+    argv = r.argvs("lvremove")[0]
+    assert argv[-1] == f"berth/{LV}" and "--force" in argv and "--yes" in argv
+    r.on("lvremove", rc=5, stderr=NOT_FOUND)
+    assert pool.remove(LV) is False
+    assert_no_shell(r)
+
+
+def test_remove_in_use_and_missing_vg():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvremove", rc=5, stderr=f"  Logical volume berth/{LV} in use.\n")
+    with pytest.raises(InUse):
+        pool.remove(LV)
+    r.on("lvremove", rc=5, stderr='  Volume group "berth" not found\n  Cannot process volume group berth\n')
+    with pytest.raises(NotFound):
+        pool.remove(LV)
+
+
+def test_snapshot_argv():
+    r = FakeRunner()
+    pool = pool_with(r)
+    snap = "snap-0123456789abcdef0123"
+    state = {"created": False}
+
+    def lvs(argv, _):
+        if not state["created"]:
+            return 5, "", NOT_FOUND
+        return 0, lvs_json(lv_row(snap, 2 * EXT, tags.encode_tags({"name": "s"}), attr="Vri-a-tz--", origin=LV)), ""
+
+    def lvcreate(argv, _):
+        state["created"] = True
+        return 0, "", ""
+
+    r.on_call("lvs", responder=lvs).on_call("lvcreate", responder=lvcreate)
+    info = pool.snapshot(LV, snap, {"name": "s"}, read_only=True)
+    assert info.origin == LV and info.read_only
+    (argv,) = r.argvs("lvcreate")
+    assert "--snapshot" in argv
+    assert argv[argv.index("--setactivationskip") + 1] == "n"
+    assert argv[argv.index("--activate") + 1] == "y"
+    assert argv[argv.index("--permission") + 1] == "r"
+    assert argv[argv.index("--name") + 1] == snap
+    assert argv[-1] == f"berth/{LV}"
+    # Thin snapshots take no size: they share the pool.
+    assert not {"--size", "-L", "--virtualsize", "-V", "--extents"} & set(argv)
+
+
+def test_snapshot_of_missing_source():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", rc=5, stderr=NOT_FOUND).on("lvcreate", rc=5, stderr=NOT_FOUND)
+    with pytest.raises(NotFound):
+        pool.snapshot(LV, "snap-x", {"name": "s"})
+
+
+def test_resize_grows_only():
+    r = FakeRunner()
+    pool = pool_with(r)
+    size = {"v": 4 * EXT}
+    r.on_call("lvs", responder=lambda a, i: (0, lvs_json(lv_row(LV, size["v"])), ""))
+
+    def lvextend(argv, _):
+        size["v"] = int(argv[argv.index("--size") + 1].rstrip("b"))
+        return 0, "", ""
+
+    r.on_call("lvextend", responder=lvextend)
+    assert pool.resize(LV, 2 * EXT) == 4 * EXT
+    assert pool.resize(LV, 4 * EXT) == 4 * EXT
+    assert r.argvs("lvextend") == []
+    assert pool.resize(LV, 5 * EXT + 1) == 6 * EXT
+    (argv,) = r.argvs("lvextend")
+    assert argv == ["lvextend", "--size", f"{6 * EXT}b", f"berth/{LV}"]
+
+
+def test_capacity_from_data_percent():
+    r = FakeRunner()
+    pool = pool_with(r)
+    row = lv_row("pool", 10 * 1024 * MiB, attr="twi-aotz--", pool="", data_percent="25.00")
+    row["metadata_percent"] = "10.71"
+    r.on("lvs", stdout=lvs_json(row))
+    cap = pool.capacity()
+    assert cap.size_bytes == 10 * 1024 * MiB
+    assert cap.used_bytes == 10 * 1024 * MiB // 4
+    assert cap.free_bytes == cap.size_bytes - cap.used_bytes
+    assert cap.metadata_percent == 10.71
+    assert r.argvs("lvs")[0][-1] == "berth/pool"
+
+
+def test_capacity_refuses_non_pool():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", stdout=lvs_json(lv_row("pool", attr="-wi-a-----")))
+    with pytest.raises(StorageError):
+        pool.capacity()
+
+
+def test_list_selects_pool_and_filters_meta():
+    r = FakeRunner()
+    pool = pool_with(r)
+    rows = [
+        lv_row("vol-a", tags=tags.encode_tags({"kind": "volume", "name": "a"})),
+        lv_row("snap-b", tags=tags.encode_tags({"kind": "snapshot", "name": "b"})),
+        lv_row("manual", tags=["owner=alice"]),
+    ]
+    r.on("lvs", stdout=lvs_json(*rows))
+    assert [i.name for i in pool.list({"kind": "volume"})] == ["vol-a"]
+    assert [i.name for i in pool.list()] == ["vol-a", "snap-b"]
+    assert [i.name for i in pool.list(managed_only=False)] == ["vol-a", "snap-b", "manual"]
+    argv = r.argvs("lvs")[0]
+    assert argv[argv.index("--select") + 1] == "pool_lv=pool"
+    assert argv[-1] == "berth"
+
+
+def test_update_meta_adds_and_deletes_tags():
+    r = FakeRunner()
+    pool = pool_with(r)
+    current = tags.encode_tags({"name": "x", "state": "creating", "old": "1"})
+    r.on("lvs", stdout=lvs_json(lv_row(LV, tags=current))).on("lvchange")
+    pool.update_meta(LV, {"state": "ready", "old": None, "pub.node|1.2.3.4": "rw"})
+    (argv,) = r.argvs("lvchange")
+    deleted = {argv[i + 1] for i, a in enumerate(argv) if a == "--deltag"}
+    added = {argv[i + 1] for i, a in enumerate(argv) if a == "--addtag"}
+    assert deleted == {"berth.state=creating", "berth.old=1"}
+    assert added == {"berth.state=ready", "berth.pub.node:7C1.2.3.4=rw"}
+    assert argv[-1] == f"berth/{LV}"
+
+
+def test_update_meta_no_change_runs_nothing():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", stdout=lvs_json(lv_row(LV, tags=tags.encode_tags({"state": "ready"}))))
+    pool.update_meta(LV, {"state": "ready"})
+    assert r.argvs("lvchange") == []
+
+
+def test_activate_ignores_skip_flag():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvchange")
+    pool.activate(LV)
+    assert r.argvs("lvchange")[0] == ["lvchange", "--activate", "y", "--ignoreactivationskip", f"berth/{LV}"]
+
+
+@pytest.mark.parametrize(
+    "stderr,cls",
+    [
+        ('  Failed to find logical volume "berth/x"', NotFound),
+        ('  Volume group "nope" not found', NotFound),
+        ('  Logical Volume "x" already exists in volume group "berth"', AlreadyExists),
+        ("  Logical volume berth/x contains a filesystem in use.", InUse),
+        ("  device-mapper: remove ioctl on  (253:5) failed: Device or resource busy", InUse),
+        ("  Can't get lock for berth.", Busy),
+        ("  Insufficient free space: 1 extents needed, but only 0 available", CapacityExhausted),
+        ("  Something else entirely", CommandFailed),
+    ],
+)
+def test_classify_lvm_error(stderr, cls):
+    err = CommandFailed(["lvcreate", "x"], 5, stderr)
+    mapped = classify_lvm_error(err)
+    assert type(mapped) is cls
+    assert "exited 5" in str(mapped)  # the human-readable message survives the mapping
+
+
+def test_parse_report_rejects_garbage():
+    with pytest.raises(StorageError):
+        parse_report("  WARNING: not json", "lv")
+    with pytest.raises(StorageError):
+        parse_report(json.dumps({"nope": 1}), "lv")
+    assert parse_report(json.dumps({"report": [{"lv": []}]}), "lv") == []
+
+
+def test_lvinfo_tolerates_json_std_numbers_and_comma_decimals():
+    row = lv_row(LV)
+    row["lv_size"] = 1073741824  # type: ignore[assignment]  # json_std would print numbers
+    row["data_percent"] = "3,25"
+    info = LvInfo.from_row(row)
+    assert info.size_bytes == 1073741824 and info.data_percent == 3.25
+
+
+def test_clone_grows_to_requested_size():
+    r = FakeRunner()
+    pool = pool_with(r)
+    new = "vol-ffffffffffffffffffff"
+    sizes = {LV: 2 * EXT}
+
+    def lvs(argv, _):
+        name = argv[-1].split("/")[1]
+        if name not in sizes:
+            return 5, "", f'  Failed to find logical volume "{argv[-1]}"'
+        return 0, lvs_json(lv_row(name, sizes[name], tags.encode_tags({"name": "c"}))), ""
+
+    def lvcreate(argv, _):
+        sizes[new] = sizes[LV]
+        return 0, "", ""
+
+    def lvextend(argv, _):
+        sizes[new] = int(argv[2].rstrip("b"))
+        return 0, "", ""
+
+    r.on_call("lvs", responder=lvs).on_call("lvcreate", responder=lvcreate).on_call("lvextend", responder=lvextend)
+    info = pool.clone(LV, new, 3 * EXT, {"name": "c"})
+    assert info.size_bytes == 3 * EXT
+    argv = r.argvs("lvcreate")[0]
+    assert argv[argv.index("--permission") + 1] == "rw"
