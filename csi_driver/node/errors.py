@@ -1,0 +1,80 @@
+"""Domain errors of the node layer. Nothing here knows gRPC; services/node.py maps each class to a code.
+
+Suggested mapping: InvalidVolume→INVALID_ARGUMENT, VolumeNotFound→NOT_FOUND, MountConflict→ALREADY_EXISTS,
+NotStaged/WrongAccess/StillInUse→FAILED_PRECONDITION, OperationInFlight→ABORTED, CommandTimeout→DEADLINE_EXCEEDED,
+everything else→INTERNAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+STDERR_TAIL_CHARS = 1500
+
+
+class NodeError(Exception):
+    """Base of every error raised by csi_driver.node."""
+
+
+class InvalidVolume(NodeError):
+    """volume_context, publish_context or a capability cannot be used (missing key, unknown protocol...)."""
+
+
+class VolumeNotFound(NodeError):
+    """No stage record for the volume, or the path given is not where the volume is."""
+
+
+class NotStaged(NodeError):
+    """Publish needs a staged volume and this one is not (or its staging mount is gone)."""
+
+
+class MountConflict(NodeError):
+    """The path is already used by something else, or the volume is staged with other parameters."""
+
+
+class WrongAccess(NodeError):
+    """The request conflicts with the access mode (e.g. SINGLE_NODE_SINGLE_WRITER published twice)."""
+
+
+class StillInUse(NodeError):
+    """Unstage while the device or staging mount is still used elsewhere (a publish target left behind)."""
+
+
+class OperationInFlight(NodeError):
+    """Another RPC on the same volume is running; the CO retries later."""
+
+
+class AttachFailed(NodeError):
+    """iSCSI login or device discovery failed."""
+
+
+class DetachFailed(NodeError):
+    """Logout, device removal or multipath flush failed."""
+
+
+class DeviceNotFound(NodeError):
+    """The volume's block device is not (or no longer) present on this node."""
+
+
+class WwnMismatch(AttachFailed):
+    """The device that appeared is not the LUN the controller described: never mount it."""
+
+
+class FilesystemError(NodeError):
+    """mkfs refused (device holds other data), fs type mismatch, grow failed."""
+
+
+class CommandFailed(NodeError):
+    def __init__(self, argv: Sequence[str], rc: int, stderr: str = "") -> None:
+        self.argv = list(argv)
+        self.rc = rc
+        self.stderr = stderr
+        tail = stderr.strip()[-STDERR_TAIL_CHARS:]
+        super().__init__(f"`{' '.join(self.argv)}` exited {rc}" + (f": {tail}" if tail else ""))
+
+
+class CommandTimeout(NodeError):
+    def __init__(self, argv: Sequence[str], seconds: float) -> None:
+        self.argv = list(argv)
+        self.seconds = seconds
+        super().__init__(f"`{' '.join(self.argv)}` did not finish within {seconds:g} s")

@@ -1,0 +1,394 @@
+"""iSCSI volumes on the node: os-brick's ISCSIConnector, run in-process as root, plus filesystem staging.
+
+os-brick does login, SCSI scan, multipath assembly, and on disconnect flush + device removal + logout of
+sessions left without devices + node record deletion. It works from connection properties alone (sessions
+and node records are looked up by portal/IQN), which is why NodeUnstage still logs out after a restart
+with the device gone. What we add on top:
+- `node.startup=manual` after login (os-brick sets `automatic`): a rebooted node must not log back in to
+  LUNs the CO no longer attaches to it (hpe-storage/csi-driver#69).
+- mutual CHAP: os-brick only sets the initiator's credentials, so we create the node record first and
+  write `node.session.auth.username_in/password_in` into it; os-brick then finds the record and logs in.
+- multipath with more than one portal is enforced: two bare /dev/sdX paths of one LUN must never be used.
+- the WWN check: the device that appeared must be the LUN volume_context names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .commands import Runner
+from .errors import (
+    AttachFailed,
+    DetachFailed,
+    DeviceNotFound,
+    InvalidVolume,
+    NodeError,
+    StillInUse,
+    WwnMismatch,
+)
+from .filesystems import Filesystems, fs_type_or_default
+from .mounts import Mounter, device_number
+from .protocol import BLOCK, MOUNT, SaveRecord, StageRequest
+from .stage_record import StageRecord
+
+log = logging.getLogger("berth.node.iscsi")
+
+# NodeStage secrets use iscsiadm's names (docs/design.md).
+SECRET_USER = "node.session.auth.username"
+SECRET_PASSWORD = "node.session.auth.password"
+SECRET_USER_IN = "node.session.auth.username_in"
+SECRET_PASSWORD_IN = "node.session.auth.password_in"
+DEFAULT_PORT = "3260"
+DEVICE_SCAN_ATTEMPTS = 5
+
+
+class Connector(Protocol):
+    """The part of os_brick's ISCSIConnector we use (a fake in unit tests)."""
+
+    def connect_volume(self, connection_properties: dict) -> dict | None: ...
+
+    def disconnect_volume(
+        self, connection_properties: dict, device_info: dict, force: bool = False, ignore_errors: bool = False
+    ) -> None: ...
+
+    def extend_volume(self, connection_properties: dict) -> int | None: ...
+
+
+ConnectorFactory = Callable[[bool], Connector]
+
+
+def normalize_wwn(value: str) -> str:
+    """Compare WWNs in one spelling: LIO/controller `6001405…`, udev `wwn-0x6001405…`, sysfs
+    `naa.6001405…`, scsi_id/os-brick `36001405…` (page 0x83 with the NAA designator type prefix 3)."""
+    text = value.strip().lower()
+    for prefix in ("wwn-0x", "0x", "naa."):
+        text = text.removeprefix(prefix)
+    if len(text) in (17, 33) and text.startswith("3"):
+        text = text[1:]
+    return text
+
+
+_brick_lock = threading.Lock()
+_brick_ready = False
+
+
+def brick_connector_factory(lock_dir: str) -> ConnectorFactory:
+    """os-brick set up for a process that already runs as root (see docs/node.md)."""
+
+    def make(multipath: bool) -> Connector:
+        _setup_os_brick(lock_dir)
+        from os_brick.initiator.connectors.iscsi import ISCSIConnector
+
+        # root_helper=None: privileged calls run in-process (client mode off), no sudo, no privsep daemon.
+        return ISCSIConnector(root_helper=None, use_multipath=multipath, device_scan_attempts=DEVICE_SCAN_ATTEMPTS)
+
+    return make
+
+
+def _setup_os_brick(lock_dir: str) -> None:
+    global _brick_ready
+    with _brick_lock:
+        if _brick_ready:
+            return
+        # Imported here: ~870 modules, only a node needs them. Nothing below monkey-patches (no eventlet
+        # hub), which matters because grpcio's threads must stay real threads.
+        import os_brick
+        import os_brick.privileged
+        from oslo_config import cfg
+
+        os_brick.privileged.default.set_client_mode(False)
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        # External (file) locks serialise connect/disconnect across processes; they must live on the host.
+        cfg.CONF.set_override("lock_path", lock_dir, group="oslo_concurrency")
+        os_brick.setup(cfg.CONF)
+        cfg.CONF.set_override("lock_path", lock_dir, group="os_brick")
+        _brick_ready = True
+
+
+@dataclass(frozen=True)
+class Target:
+    portal: str
+    iqn: str
+    lun: int
+
+
+def targets_from_publish_context(publish_context: Mapping[str, str]) -> list[Target]:
+    portals = [p.strip() for p in publish_context.get("targetPortals", "").split(",") if p.strip()]
+    iqn = publish_context.get("targetIqn", "")
+    if not portals or not iqn:
+        raise InvalidVolume("publish_context needs targetPortals and targetIqn for an iSCSI volume")
+    try:
+        lun = int(publish_context.get("targetLun", "0"))
+    except ValueError:
+        raise InvalidVolume(f"publish_context targetLun {publish_context.get('targetLun')!r} is not a number") from None
+    return [Target(p if _has_port(p) else f"{p}:{DEFAULT_PORT}", iqn, lun) for p in portals]
+
+
+def _has_port(portal: str) -> bool:
+    if portal.startswith("["):
+        return "]:" in portal
+    return portal.count(":") == 1
+
+
+def connection_properties(targets: list[Target], secrets: Mapping[str, str]) -> dict[str, Any]:
+    """os-brick connection properties: plural keys for multipath (several portals), singular otherwise."""
+    props: dict[str, Any]
+    if len(targets) > 1:
+        props = {
+            "target_portals": [t.portal for t in targets],
+            "target_iqns": [t.iqn for t in targets],
+            "target_luns": [t.lun for t in targets],
+            # Refuse to attach without multipathd rather than use two /dev/sdX of one LUN.
+            "enforce_multipath": True,
+        }
+    else:
+        props = {}
+    first = targets[0]
+    props.update(target_portal=first.portal, target_iqn=first.iqn, target_lun=first.lun)
+    if secrets.get(SECRET_USER):
+        props.update(
+            auth_method="CHAP", auth_username=secrets[SECRET_USER], auth_password=secrets.get(SECRET_PASSWORD, "")
+        )
+    return props
+
+
+def all_targets(props: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if "target_portals" in props:
+        return list(zip(props["target_portals"], props["target_iqns"], strict=True))
+    return [(props["target_portal"], props["target_iqn"])]
+
+
+class IscsiVolumes:
+    name = "iscsi"
+
+    def __init__(
+        self,
+        runner: Runner,
+        mounter: Mounter,
+        filesystems: Filesystems,
+        connector_factory: ConnectorFactory,
+        by_id_dir: str = "/dev/disk/by-id",
+        sys_block_dir: str = "/sys/block",
+    ) -> None:
+        self.runner = runner
+        self.mounter = mounter
+        self.fs = filesystems
+        self.connector_factory = connector_factory
+        self.by_id_dir = by_id_dir
+        self.sys_block_dir = sys_block_dir
+
+    # --- staging ---
+
+    def new_record(self, request: StageRequest) -> StageRecord:
+        targets = targets_from_publish_context(request.publish_context)
+        fs_type = fs_type_or_default(request.fs_type) if request.access_type == MOUNT else ""
+        return StageRecord(
+            volume_id=request.volume_id,
+            protocol=self.name,
+            staging_path=request.staging_path,
+            access_type=request.access_type,
+            fs_type=fs_type,
+            mount_flags=list(request.mount_flags),
+            readonly=request.readonly,
+            access_mode=request.access_mode,
+            connection_properties=connection_properties(targets, request.secrets),
+            wwn=normalize_wwn(request.volume_context.get("wwn", "")),
+            multipath=len(targets) > 1,
+        )
+
+    def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord) -> None:
+        # Saved before login: if we crash between login and the end, unstage can still log out.
+        save(record)
+        props = connection_properties(targets_from_publish_context(request.publish_context), request.secrets)
+        device = self.attach(props, record.multipath, record.wwn, request.secrets)
+        record.device_path = device.path
+        record.wwn = device.wwn
+        save(record)
+        if record.access_type == MOUNT:
+            self._mount_staging(record, device.path)
+
+    def _mount_staging(self, record: StageRecord, device: str) -> None:
+        current = self.mounter.table.at(record.staging_path)
+        if current is not None:
+            if current.major_minor == device_number(device):
+                return
+            # A mount of an older device (session re-established, new /dev/sdX) must go before we mount
+            # the current one on top of it (democratic-csi#559).
+            log.warning(
+                "staging path holds a stale mount, replacing it",
+                extra={"path": record.staging_path, "stale": current.source, "device": device},
+            )
+            self.mounter.unmount(record.staging_path)
+        os.makedirs(record.staging_path, exist_ok=True)
+        formatted = self.fs.ensure_filesystem(device, record.fs_type)
+        if formatted:
+            log.info("formatted", extra={"device": device, "fs_type": record.fs_type, "volume": record.volume_id})
+        self.fs.mount(device, record.staging_path, record.fs_type, record.mount_flags, record.readonly)
+
+    def is_staged(self, record: StageRecord) -> bool:
+        device = self.current_device(record)
+        if device is None:
+            return False
+        if record.access_type == BLOCK:
+            return True
+        entry = self.mounter.table.at(record.staging_path)
+        return entry is not None and entry.major_minor == device_number(device)
+
+    # --- attach / detach ---
+
+    def attach(
+        self, props: dict[str, Any], multipath: bool, expected_wwn: str, secrets: Mapping[str, str]
+    ) -> AttachedDevice:
+        if secrets.get(SECRET_USER_IN):
+            self._prepare_mutual_chap(props, secrets)
+        connector = self.connector_factory(multipath)
+        try:
+            info = connector.connect_volume(dict(props)) or {}
+        except Exception as err:  # os-brick raises many unrelated types; all mean "no device"
+            raise AttachFailed(f"iSCSI attach to {_describe(props)} failed: {err}") from err
+        path = info.get("path")
+        if not path:
+            raise AttachFailed(f"iSCSI attach to {_describe(props)} returned no device")
+        self._set_manual_startup(props)
+        found = normalize_wwn(info.get("scsi_wwn", "")) or self._sysfs_wwn(path)
+        if expected_wwn and found != expected_wwn:
+            log.error("WWN mismatch, detaching", extra={"expected": expected_wwn, "found": found, "path": path})
+            self._disconnect(connector, props, path, force=True)
+            raise WwnMismatch(
+                f"the device {path} behind {_describe(props)} has WWN {found or 'unknown'}, "
+                f"not {expected_wwn}; refusing to use it"
+            )
+        return AttachedDevice(path, found or expected_wwn, multipath)
+
+    def _prepare_mutual_chap(self, props: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
+        for portal, iqn in all_targets(props):
+            node = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
+            self.runner.run([*node, "--interface", "default", "--op", "new"], timeout=30)
+            for key in (SECRET_USER_IN, SECRET_PASSWORD_IN):
+                self.runner.run([*node, "--op", "update", "-n", key, "-v", secrets.get(key, "")], timeout=30)
+
+    def _set_manual_startup(self, props: Mapping[str, Any]) -> None:
+        for portal, iqn in all_targets(props):
+            argv = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--op", "update"]
+            try:
+                self.runner.run([*argv, "-n", "node.startup", "-v", "manual"], timeout=30)
+            except NodeError as err:
+                # Not fatal for this attach; it only matters at the next reboot, so say it loudly.
+                log.error("cannot set node.startup=manual", extra={"portal": portal, "iqn": iqn, "error": str(err)})
+
+    def _sysfs_wwn(self, path: str) -> str:
+        name = os.path.basename(os.path.realpath(path))
+        slaves = os.path.join(self.sys_block_dir, name, "slaves")
+        if os.path.isdir(slaves) and os.listdir(slaves):
+            name = sorted(os.listdir(slaves))[0]
+        try:
+            with open(os.path.join(self.sys_block_dir, name, "device", "wwid")) as f:
+                return normalize_wwn(f.read())
+        except OSError:
+            return ""
+
+    def unstage(self, record: StageRecord) -> None:
+        device = self.current_device(record)
+        if record.access_type == MOUNT:
+            # The staging dir itself belongs to the CO (it created it), so it stays.
+            self.mounter.unmount(record.staging_path)
+        if device is not None:
+            users = self.mounter.table.users_of_device(device)
+            if users:
+                raise StillInUse(f"device {device} of volume {record.volume_id} is still mounted at {', '.join(users)}")
+        self.detach(record, device)
+
+    def detach(self, record: StageRecord, device: str | None) -> None:
+        props = dict(record.connection_properties)
+        connector = self.connector_factory(record.multipath)
+        if device is not None:
+            try:
+                self.fs.flush(device)
+            except NodeError as err:
+                log.warning("flush failed", extra={"device": device, "error": str(err)})
+        # force when the device vanished: os-brick then removes what is left (maps, sessions without
+        # devices) and still raises at the end if something failed, so the record stays for a retry.
+        self._disconnect(connector, props, device or record.device_path, force=device is None)
+
+    def _disconnect(self, connector: Connector, props: dict[str, Any], path: str, force: bool) -> None:
+        try:
+            connector.disconnect_volume(dict(props), {"path": path}, force=force, ignore_errors=False)
+        except Exception as err:
+            raise DetachFailed(f"iSCSI detach from {_describe(props)} failed: {err}") from err
+
+    # --- the device now ---
+
+    def current_device(self, record: StageRecord) -> str | None:
+        """Find the device by WWN (stable across re-logins), falling back to the recorded path."""
+        candidates = []
+        if record.wwn:
+            if record.multipath:
+                candidates.append(os.path.join(self.by_id_dir, f"dm-uuid-mpath-3{record.wwn}"))
+            candidates.append(os.path.join(self.by_id_dir, f"wwn-0x{record.wwn}"))
+        if record.device_path:
+            candidates.append(record.device_path)
+        for candidate in candidates:
+            if os.path.exists(candidate):
+                return os.path.realpath(candidate)
+        return None
+
+    def block_device(self, record: StageRecord) -> str | None:
+        device = self.current_device(record)
+        if device is None:
+            raise DeviceNotFound(f"the device of volume {record.volume_id} (WWN {record.wwn}) is gone")
+        return device
+
+    def expand(self, record: StageRecord) -> int:
+        connector = self.connector_factory(record.multipath)
+        try:
+            # Rescans every path, then resizes the multipath map (multipathd resize map).
+            connector.extend_volume(dict(record.connection_properties))
+        except Exception as err:
+            raise AttachFailed(f"rescan of volume {record.volume_id} failed: {err}") from err
+        device = self.block_device(record)
+        assert device is not None
+        if record.access_type == MOUNT:
+            self.fs.grow(record.fs_type, device, record.staging_path)
+        return self.fs.block_size(device)
+
+    def condition(self, record: StageRecord) -> str | None:
+        device = self.current_device(record)
+        if device is None:
+            return f"device of volume {record.volume_id} (WWN {record.wwn}) is gone from this node"
+        states = self._path_states(device)
+        bad = [f"{name}: {state}" for name, state in states.items() if state != "running"]
+        if states and len(bad) == len(states):
+            return "no usable path: " + ", ".join(bad)
+        if bad:
+            return "degraded: " + ", ".join(bad)
+        return None
+
+    def _path_states(self, device: str) -> dict[str, str]:
+        # sysfs only: reading the device itself could block behind queue_if_no_path.
+        name = os.path.basename(device)
+        slaves_dir = os.path.join(self.sys_block_dir, name, "slaves")
+        names = sorted(os.listdir(slaves_dir)) if os.path.isdir(slaves_dir) else [name]
+        states = {}
+        for path in names:
+            try:
+                with open(os.path.join(self.sys_block_dir, path, "device", "state")) as f:
+                    states[path] = f.read().strip()
+            except OSError:
+                continue
+        return states
+
+
+@dataclass(frozen=True)
+class AttachedDevice:
+    path: str
+    wwn: str
+    multipath: bool
+
+
+def _describe(props: Mapping[str, Any]) -> str:
+    return ", ".join(f"{iqn} at {portal}" for portal, iqn in all_targets(props))

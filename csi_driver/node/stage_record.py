@@ -1,0 +1,131 @@
+"""One JSON file per staged volume: everything NodeUnstage needs after a plugin restart, with the device gone.
+
+`<state_dir>/volumes/<quoted volume id>.json`, written atomically (temp file, fsync, rename, fsync dir), so a
+crash leaves the old record or the new one, never half of one. The state dir must be on the host (not
+container-local): losing these files is how other drivers leak iSCSI sessions (truenas-csi#55).
+
+CHAP secrets are never written: logout and device removal need no credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger("berth.node.stage_record")
+
+FORMAT_VERSION = 1
+_SECRET_KEYS = ("auth_password", "auth_username", "discovery_auth_password", "discovery_auth_username")
+
+
+@dataclass
+class StageRecord:
+    volume_id: str
+    protocol: str  # "iscsi" | "nfs"
+    staging_path: str
+    access_type: str  # "block" | "mount"
+    fs_type: str = ""
+    mount_flags: list[str] = field(default_factory=list)
+    readonly: bool = False
+    access_mode: int = 0  # csi VolumeCapability.AccessMode.Mode
+    # iSCSI: what os-brick needs to disconnect, and what identifies the LUN.
+    connection_properties: dict[str, Any] = field(default_factory=dict)
+    device_path: str = ""
+    wwn: str = ""
+    multipath: bool = False
+    # NFS: "server:/export".
+    nfs_source: str = ""
+    # target path → readonly, for publish idempotency, SINGLE_NODE_SINGLE_WRITER and stats path checks.
+    targets: dict[str, bool] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["connection_properties"] = {k: v for k, v in self.connection_properties.items() if k not in _SECRET_KEYS}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StageRecord:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        # Ignore keys from a newer plugin version rather than refuse to unstage.
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def record_file_name(volume_id: str) -> str:
+    """Volume IDs contain "/"; percent-quoting is reversible, so two IDs never share a file."""
+    name = urllib.parse.quote(volume_id, safe="")
+    if len(name) > 240 or name.startswith("."):
+        raise ValueError(f"volume ID {volume_id!r} cannot be a stage record file name")
+    return name + ".json"
+
+
+class RecordStore:
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "volumes")
+
+    def path(self, volume_id: str) -> str:
+        return os.path.join(self.dir, record_file_name(volume_id))
+
+    def load(self, volume_id: str) -> StageRecord | None:
+        try:
+            with open(self.path(volume_id), encoding="utf-8") as f:
+                return StageRecord.from_json(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a volume ID that cannot be a file name was never staged here
+
+    def save(self, record: StageRecord) -> None:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        final = self.path(record.volume_id)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(record.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_dir(self.dir)
+
+    def delete(self, volume_id: str) -> None:
+        try:
+            os.unlink(self.path(volume_id))
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.dir)
+
+    def all(self) -> list[StageRecord]:
+        try:
+            names = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return []
+        records = []
+        for name in names:
+            if name.endswith(".json") and not name.startswith("."):
+                try:
+                    with open(os.path.join(self.dir, name), encoding="utf-8") as f:
+                        records.append(StageRecord.from_json(f.read()))
+                except (OSError, ValueError, TypeError) as err:
+                    log.warning("unreadable stage record", extra={"file": name, "error": str(err)})
+        return records
+
+
+def _fsync_dir(path: str) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
