@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the host
     rtslib = None
 
 PROTOCOL = 1
-LOCK_PATH = "/run/lock/berth-lio.lock"
+LOCK_PATH = os.environ.get("BERTH_LIO_LOCK", "/run/lock/berth-lio.lock")
 TPG_TAG = 1
 LUN_INDEX = 0
 MAX_OPS = 256
@@ -499,8 +499,9 @@ OPS = {
 
 
 @contextlib.contextmanager
-def host_lock(path: str = LOCK_PATH) -> Iterator[None]:
+def host_lock(path: str | None = None) -> Iterator[None]:
     """Serialise berth LIO programs on this host: configfs edits and saveconfig are not atomic."""
+    path = path or LOCK_PATH
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -1,0 +1,298 @@
+"""The host-side LIO program: argument validation (pure) and its rtslib logic against a fake."""
+
+import ast
+import io
+import json
+from importlib import resources
+
+import pytest
+
+from csi_driver.storage import lio_host
+
+from . import fake_rtslib_fb
+
+T = "iqn.2026-11.io.berth:vol-0123456789abcdef0123"
+VOL = "vol-0123456789abcdef0123"
+DEV = "/dev/berth/vol-0123456789abcdef0123"
+SERIAL = "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9"
+NODE1 = "iqn.1993-08.org.debian:01:node1"
+NODE2 = "iqn.1993-08.org.debian:01:node2"
+
+
+def export_op(**kw):
+    op = {"op": "export", "volume": VOL, "target": T, "device": DEV, "serial": SERIAL,
+          "portals": ["198.18.0.2:3260", "198.18.1.2"]}
+    op.update(kw)
+    return op
+
+
+def add_op(initiator=NODE1, readonly=False, chap=None):
+    return {"op": "add_initiator", "target": T, "initiator": initiator, "readonly": readonly, "chap": chap}
+
+
+# --- the file that is shipped to the host ---
+
+
+def test_module_is_self_contained():
+    source = resources.files("csi_driver.storage").joinpath("lio_host.py").read_text()
+    tree = ast.parse(source)
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports: the file runs alone on the host"
+            imported.add((node.module or "").split(".")[0])
+    allowed = {"__future__", "contextlib", "fcntl", "ipaddress", "json", "os", "re", "sys",
+               "collections", "typing", "rtslib_fb"}
+    assert imported <= allowed, imported - allowed
+
+
+# --- validation ---
+
+
+@pytest.mark.parametrize(
+    "portal,expected",
+    [
+        ("198.18.0.2", ("198.18.0.2", 3260)),
+        ("198.18.0.2:3261", ("198.18.0.2", 3261)),
+        ("0.0.0.0:3260", ("0.0.0.0", 3260)),
+        ("[fd00::2]", ("[fd00::2]", 3260)),
+        ("[fd00::2]:3262", ("[fd00::2]", 3262)),
+    ],
+)
+def test_parse_portal(portal, expected):
+    assert lio_host.parse_portal(portal) == expected
+
+
+@pytest.mark.parametrize(
+    "portal", ["", "host.example:3260", "1.2.3.4:0", "1.2.3.4:70000", "1.2.3.4:x", "fd00::2", "[fd00::2", "[x]:1",
+               "1.2.3.4:3260;reboot", 3260, None]
+)
+def test_parse_portal_rejects(portal):
+    with pytest.raises(lio_host.RequestError):
+        lio_host.parse_portal(portal)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        export_op(volume="vol x"),
+        export_op(volume="../etc"),
+        export_op(target="iqn.bad"),
+        export_op(target=T + "; rm -rf /"),
+        export_op(device="/dev/../etc/shadow"),
+        export_op(device="relative/path"),
+        export_op(device="/dev/berth/$(id)"),
+        export_op(serial="not a serial"),
+        export_op(portals=[]),
+        export_op(portals="198.18.0.2"),
+        export_op(extra=1),
+        add_op(initiator="node1"),
+        add_op(readonly="yes"),
+        add_op(chap={"user": "u"}),
+        add_op(chap={"user": "u", "password": "with space"}),
+        add_op(chap={"user": "u", "password": "NULL"}),
+        add_op(chap={"user": "u", "password": "p" * 256}),
+        add_op(chap={"user": "u", "password": "p", "mutual_user": "m"}),
+        add_op(chap={"user": "u", "password": "p", "other": "x"}),
+        add_op(chap="u:p"),
+        {"op": "list_exports", "iqn_prefix": "nope"},
+        {"op": "save", "path": "/etc/../root/x.json"},
+        {"op": "save", "path": "/home/x.json"},
+        {"op": "format_disk"},
+        {"no": "op"},
+        "export",
+    ],
+)
+def test_validate_op_rejects(op):
+    with pytest.raises(lio_host.RequestError):
+        lio_host.validate_op(op)
+
+
+def test_validate_op_normalises():
+    op = lio_host.validate_op(export_op(portals=["198.18.1.2", "198.18.0.2:3260", "198.18.1.2:3260"]))
+    assert op["portals"] == [("198.18.0.2", 3260), ("198.18.1.2", 3260)]
+    chap = {"user": "node1", "password": "s3cret-pass!", "mutual_user": "tgt", "mutual_password": "m-s3cret"}
+    assert lio_host.validate_op(add_op(chap=chap))["chap"] == chap
+
+
+def test_chap_errors_never_echo_secrets():
+    with pytest.raises(lio_host.RequestError) as exc:
+        lio_host.check_chap({"user": "u", "password": "secret with space"})
+    assert "secret" not in str(exc.value).replace("chap.password", "")
+
+
+@pytest.mark.parametrize(
+    "req",
+    [[], {"ops": [{"op": "save"}]}, {"v": 2, "ops": [{"op": "save"}]}, {"v": 1, "ops": []},
+     {"v": 1, "ops": [{"op": "save"}] * 300}, {"v": 1, "ops": [{"op": "save"}], "save": "yes"}],
+)
+def test_validate_request_rejects(req):
+    with pytest.raises(lio_host.RequestError):
+        lio_host.validate_request(req)
+
+
+def run_main(payload: str) -> dict:
+    out = io.StringIO()
+    assert lio_host.main(io.StringIO(payload), out) == 0
+    (line,) = out.getvalue().splitlines()
+    return json.loads(line)
+
+
+def test_main_reports_bad_json_and_invalid_request():
+    assert run_main("{not json")["error"]["kind"] == "invalid"
+    resp = run_main(json.dumps({"v": 1, "ops": [export_op(device="/etc/passwd")]}))
+    assert resp["ok"] is False and resp["error"]["kind"] == "invalid"
+
+
+def test_main_without_rtslib_is_unavailable(monkeypatch):
+    monkeypatch.setattr(lio_host, "rtslib", None)
+    resp = run_main(json.dumps({"v": 1, "ops": [{"op": "list_exports", "iqn_prefix": "iqn.2026-11.io.berth"}]}))
+    assert resp == {"ok": False, "error": {"kind": "unavailable", "message": resp["error"]["message"]},
+                    "results": []}
+    assert "python3-rtslib-fb" in resp["error"]["message"]
+
+
+# --- logic against the fake rtslib ---
+
+
+@pytest.fixture
+def rts(monkeypatch, tmp_path):
+    fake_rtslib_fb.reset()
+    monkeypatch.setattr(fake_rtslib_fb, "ACL_AUTH_ATTRIBUTE", True)
+    monkeypatch.setattr(lio_host, "rtslib", fake_rtslib_fb)
+    monkeypatch.setattr(lio_host, "LOCK_PATH", str(tmp_path / "lio.lock"))
+    return fake_rtslib_fb.STATE
+
+
+def call(*ops, save=True):
+    return run_main(json.dumps({"v": 1, "ops": list(ops), "save": save}))
+
+
+def tpg(state):
+    return state["targets"][T]["tpgs"][1]
+
+
+def test_export_builds_the_layout_and_is_idempotent(rts):
+    resp = call(export_op())
+    assert resp["ok"], resp
+    (res,) = resp["results"]
+    assert res["changed"] and res["serial"] == SERIAL and res["lun"] == 0
+    assert res["portals"] == ["198.18.0.2:3260", "198.18.1.2:3260"]
+    t = tpg(rts)
+    assert t["enable"] is True
+    assert t["attrs"]["generate_node_acls"] == "0"
+    assert t["attrs"]["demo_mode_write_protect"] == "0"
+    assert t["attrs"]["authentication"] == "0"
+    assert t["luns"] == {0: VOL}
+    assert t["acls"] == {}, "no initiator sees anything until published"
+    assert rts["storage"][VOL]["dev"] == DEV and rts["storage"][VOL]["wwn"] == SERIAL
+    assert rts["storage"][VOL]["attrs"]["emulate_tpu"] == "1"
+    assert rts["saves"] == [None]
+
+    again = call(export_op())
+    assert again["ok"] and again["results"][0]["changed"] is False
+    assert rts["saves"] == [None], "nothing changed: no save"
+
+
+def test_export_replaces_portals(rts):
+    call(export_op())
+    call(export_op(portals=["198.18.2.2"]))
+    assert set(tpg(rts)["nps"]) == {("198.18.2.2", 3260)}
+
+
+def test_export_conflicts(rts):
+    call(export_op())
+    resp = call(export_op(device="/dev/berth/other"))
+    assert resp["error"]["kind"] == "conflict"
+    resp = call(export_op(serial="00000000-0000-0000-0000-000000000000"))
+    assert resp["error"]["kind"] == "conflict"
+
+
+def test_add_initiator_masks_lun_per_node(rts):
+    resp = call(export_op(), add_op(NODE1), add_op(NODE2, readonly=True))
+    assert resp["ok"], resp
+    acls = tpg(rts)["acls"]
+    assert acls[NODE1]["mapped"] == {0: {"tpg_lun": 0, "wp": False}}
+    assert acls[NODE2]["mapped"] == {0: {"tpg_lun": 0, "wp": True}}
+    assert acls[NODE1]["attrs"]["authentication"] == "0"
+    # Idempotent, and a changed readonly flag is applied in place.
+    resp = call(add_op(NODE1))
+    assert resp["results"][0]["changed"] is False
+    resp = call(add_op(NODE1, readonly=True))
+    assert resp["results"][0]["changed"] is True and acls[NODE1]["mapped"][0]["wp"] is True
+
+    listed = call({"op": "list_initiators", "target": T}, save=False)["results"][0]["initiators"]
+    assert [(i["initiator"], i["readonly"], i["mapped"]) for i in listed] == [(NODE1, True, True), (NODE2, True, True)]
+
+
+def test_add_initiator_with_chap_per_acl(rts):
+    chap = {"user": "node1", "password": "s3cret-pass!", "mutual_user": "tgt", "mutual_password": "m-s3cret"}
+    resp = call(export_op(), add_op(NODE1, chap=chap))
+    assert resp["results"][1]["auth"] == "acl"
+    acl = tpg(rts)["acls"][NODE1]
+    assert acl["auth"] == {"userid": "node1", "password": "s3cret-pass!", "userid_mutual": "tgt",
+                           "password_mutual": "m-s3cret"}
+    assert acl["attrs"]["authentication"] == "1"
+    assert tpg(rts)["attrs"]["authentication"] == "0"
+    listed = call({"op": "list_initiators", "target": T}, save=False)
+    assert "s3cret" not in json.dumps(listed), "passwords never leave the host"
+    # Dropping CHAP clears the credentials.
+    call(add_op(NODE1))
+    assert acl["auth"]["userid"] == "" and acl["attrs"]["authentication"] == "0"
+
+
+def test_chap_falls_back_to_tpg_on_old_kernels(rts, monkeypatch):
+    monkeypatch.setattr(fake_rtslib_fb, "ACL_AUTH_ATTRIBUTE", False)
+    resp = call(export_op(), add_op(NODE1, chap={"user": "u", "password": "p4ssword"}))
+    assert resp["results"][1]["auth"] == "tpg"
+    assert tpg(rts)["attrs"]["authentication"] == "1"
+    call(export_op())
+    assert tpg(rts)["attrs"]["authentication"] == "1", "re-export must not silently disable CHAP"
+
+
+def test_add_initiator_needs_an_export(rts):
+    resp = call(add_op())
+    assert resp["ok"] is False and resp["error"]["kind"] == "not_found"
+
+
+def test_remove_initiator_idempotent(rts):
+    call(export_op(), add_op(NODE1))
+    assert call({"op": "remove_initiator", "target": T, "initiator": NODE1})["results"][0]["changed"]
+    assert tpg(rts)["acls"] == {}
+    assert not call({"op": "remove_initiator", "target": T, "initiator": NODE1})["results"][0]["changed"]
+    other = T.replace("0123", "9999")
+    assert not call({"op": "remove_initiator", "target": other, "initiator": NODE1})["results"][0]["changed"]
+
+
+def test_unexport_removes_target_and_backstore(rts):
+    call(export_op(), add_op(NODE1))
+    resp = call({"op": "unexport", "volume": VOL, "target": T})
+    assert resp["results"][0]["changed"]
+    assert rts["targets"] == {} and rts["storage"] == {}
+    resp = call({"op": "unexport", "volume": VOL, "target": T})
+    assert resp["ok"] and resp["results"][0]["changed"] is False
+
+
+def test_list_exports_filters_by_prefix(rts):
+    call(export_op(), add_op(NODE1, readonly=True))
+    fake_rtslib_fb.Target(fake_rtslib_fb.FabricModule("iscsi"), "iqn.2003-01.org.other:disk1")
+    resp = call({"op": "list_exports", "iqn_prefix": "iqn.2026-11.io.berth"}, save=False)
+    (exp,) = resp["results"][0]["exports"]
+    assert exp["volume"] == VOL and exp["device"] == DEV and exp["serial"] == SERIAL
+    assert exp["initiators"][0]["readonly"] is True and exp["enabled"] is True
+
+
+def test_failure_mid_batch_still_saves_what_was_applied(rts):
+    resp = call(export_op(), add_op("iqn.2026-11.io.berth:node9"),
+                {"op": "add_initiator", "target": T.replace("0123", "7777"), "initiator": NODE1,
+                 "readonly": False, "chap": None})
+    assert resp["ok"] is False and resp["error"]["op_index"] == 2
+    assert len(resp["results"]) == 2
+    assert rts["saves"] == [None]
+
+
+def test_save_op_with_path(rts):
+    resp = call({"op": "save", "path": "/etc/rtslib-fb-target/saveconfig.json"}, save=False)
+    assert resp["ok"] and rts["saves"] == ["/etc/rtslib-fb-target/saveconfig.json"]
