@@ -65,22 +65,6 @@ def unescape(text: str) -> str:
     return raw.decode("utf-8")
 
 
-def _split_escaped(value: str, size: int) -> list[str]:
-    """Split an escaped string in pieces of at most size chars, never inside a ':HH' escape."""
-    chunks: list[str] = []
-    start = 0
-    while start < len(value):
-        end = min(start + size, len(value))
-        # Back off if the cut would land inside an escape (a ':' in the last two positions).
-        for back in (1, 2):
-            if end < len(value) and end - back >= start and value[end - back] == ":":
-                end -= back
-                break
-        chunks.append(value[start:end])
-        start = end
-    return chunks or [""]
-
-
 def encode_tags(meta: Mapping[str, str]) -> list[str]:
     """Metadata map → list of LVM tags (always including the version marker)."""
     tags = [VERSION_TAG]
@@ -102,7 +86,9 @@ def encode_tags(meta: Mapping[str, str]) -> list[str]:
             room = MAX_TAG_LEN - len(f"{PREFIX}{ekey}#999=")
             if room < 16:
                 raise InvalidRequest(f"metadata key too long: {key[:40]!r}...")
-            entry = [f"{PREFIX}{ekey}#{i}={c}" for i, c in enumerate(_split_escaped(evalue, room))]
+            # Chunks are joined before unescaping, so a cut inside a ':HH' escape is harmless.
+            pieces = [evalue[i : i + room] for i in range(0, len(evalue), room)]
+            entry = [f"{PREFIX}{ekey}#{i}={c}" for i, c in enumerate(pieces)]
         total += sum(len(t) for t in entry)
         tags.extend(entry)
     if total > MAX_META_CHARS:

@@ -49,7 +49,7 @@ def test_long_values_are_chunked_in_order():
     assert tags.decode_tags(sorted(encoded, reverse=True)) == {"long": "ab:" * 1000}
 
 
-def test_chunks_never_split_an_escape():
+def test_chunk_boundaries_inside_escapes_decode():
     for n in range(990, 1010):
         value = "x" * n + "é" * 50
         assert tags.decode_tags(tags.encode_tags({"k": value})) == {"k": value}
