@@ -45,6 +45,8 @@ SECRET_USER_IN = "node.session.auth.username_in"
 SECRET_PASSWORD_IN = "node.session.auth.password_in"
 DEFAULT_PORT = "3260"
 DEVICE_SCAN_ATTEMPTS = 5
+# csi VolumeCapability.AccessMode: MULTI_NODE_SINGLE_WRITER, MULTI_NODE_MULTI_WRITER.
+MULTI_NODE_WRITER_MODES = (4, 5)
 
 
 class Connector(Protocol):
@@ -185,6 +187,9 @@ class IscsiVolumes:
     # --- staging ---
 
     def new_record(self, request: StageRequest) -> StageRecord:
+        if request.access_type == MOUNT and request.access_mode in MULTI_NODE_WRITER_MODES:
+            # ext4/xfs mounted on two nodes corrupt each other; shared files are what NFS volumes are for.
+            raise InvalidVolume("an iSCSI volume with a filesystem cannot be written from several nodes; use block or NFS")
         targets = targets_from_publish_context(request.publish_context)
         fs_type = fs_type_or_default(request.fs_type) if request.access_type == MOUNT else ""
         return StageRecord(
