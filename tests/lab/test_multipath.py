@@ -41,8 +41,11 @@ def test_multipath_survives_link_down(lab):
             during = h.write_random(lab, node, mpath, seek_mib=16, timeout=90)
             assert h.read_sha(lab, node, mpath, skip_mib=16, timeout=90) == during
             assert h.read_sha(lab, node, mpath, skip_mib=0, timeout=90) == before
-            states = h.wait_for(lambda: (p := paths(lab, node)) if any("failed" in s for s in p) else None,
-                                timeout=30, what="a failed path")
+            def failed_seen() -> list[str] | None:
+                states = paths(lab, node)
+                return states if any("failed" in s for s in states) else None
+
+            states = h.wait_for(failed_seen, timeout=30, what="multipathd to mark the pulled path failed")
             assert sum(s.startswith("active ready") for s in states) == 1, states
         finally:
             lab.set_link(node, 1, up=True)
