@@ -31,6 +31,8 @@ class HostConfig:
     ssh_user: str = "root"
     ssh_identity_file: str | None = None
     ssh_known_hosts_file: str | None = None
+    # "yes" in production (pin the host key in ssh_known_hosts_file); "accept-new" trusts the first key seen.
+    ssh_strict_host_key_checking: Literal["yes", "accept-new"] = "yes"
     ssh_connect_timeout_seconds: int = 10
 
 

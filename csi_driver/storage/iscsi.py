@@ -1,0 +1,67 @@
+"""iSCSI exports of thin LVs: one LIO target per volume, one ACL per published node (LUN masking)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+from .backend import NodeRef
+from .errors import InvalidRequest
+from .ids import naa_wwn, volume_serial
+from .lio import Chap, LioTargets
+from .lvm import LvInfo
+
+# Secret keys as iscsiadm names them, so one Kubernetes Secret serves ControllerPublish and NodeStage.
+CHAP_USER = "node.session.auth.username"
+CHAP_PASSWORD = "node.session.auth.password"
+MUTUAL_USER = "node.session.auth.username_in"
+MUTUAL_PASSWORD = "node.session.auth.password_in"
+
+
+def chap_from_secrets(secrets: Mapping[str, str]) -> Chap | None:
+    """Session CHAP (and mutual CHAP) from publish secrets; no secrets means no CHAP."""
+    user, password = secrets.get(CHAP_USER), secrets.get(CHAP_PASSWORD)
+    mutual_user, mutual_password = secrets.get(MUTUAL_USER), secrets.get(MUTUAL_PASSWORD)
+    if not any((user, password, mutual_user, mutual_password)):
+        return None
+    if not (user and password):
+        raise InvalidRequest(f"CHAP secrets need both {CHAP_USER} and {CHAP_PASSWORD}")
+    if bool(mutual_user) != bool(mutual_password):
+        raise InvalidRequest(f"mutual CHAP needs both {MUTUAL_USER} and {MUTUAL_PASSWORD}")
+    return Chap(user, password, mutual_user or None, mutual_password or None)
+
+
+class IscsiExporter:
+    protocol = "iscsi"
+
+    def __init__(self, targets: LioTargets, portals: Sequence[str]) -> None:
+        self.targets = targets
+        self.portals = list(portals)
+
+    def volume_context(self, lv: str) -> dict[str, str]:
+        # The serial is derived from the LV name, so the WWN is known before the LUN exists.
+        return {"wwn": naa_wwn(volume_serial(lv))}
+
+    def prepare(self, lv: LvInfo, fresh: bool) -> None:
+        """Nothing to do: the target is created on first publish, so unpublished volumes cost LIO nothing."""
+
+    def publish(self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]) -> dict[str, str]:
+        chap = chap_from_secrets(secrets)
+        export = self.targets.ensure_published(lv.name, lv.device_path, self.portals, node.initiator, readonly, chap)
+        return export.publish_context(readonly)
+
+    def unpublish(self, lv: LvInfo, node: NodeRef) -> None:
+        # Removing the ACL ends the node's session and hides the LUN from it.
+        self.targets.remove_initiator(lv.name, node.initiator)
+
+    def teardown(self, lv: LvInfo) -> None:
+        self.targets.unexport(lv.name)
+
+    def grown(self, lv: LvInfo) -> bool:
+        # LIO's block backstore reports the LV's new size at once; nodes must rescan (and resize the fs).
+        return True
+
+    @contextmanager
+    def consistent(self, lv: LvInfo) -> Iterator[None]:
+        # A raw LUN has no filesystem here to freeze: the consumer (e.g. KubeVirt's guest agent) quiesces.
+        yield
