@@ -167,6 +167,14 @@ class Mounter:
             log.warning("umount -f failed, detaching lazily", extra={"target": target, "error": str(err)})
         self.runner.run(["umount", "-l", "--", target], timeout=LAZY_UMOUNT_TIMEOUT)
 
+    def unmount_all(self, target: str, limit: int = 8) -> None:
+        """Unmount every mount stacked at `target` (a retried publish may have mounted twice)."""
+        for _ in range(limit):
+            if not self.table.is_mountpoint(target):
+                return
+            self.unmount(target)
+        raise MountConflict(f"{target} is still mounted after {limit} unmounts")
+
     def lazy_unmount(self, target: str) -> None:
         if self.table.is_mountpoint(target):
             self.runner.run(["umount", "-l", "--", target], timeout=LAZY_UMOUNT_TIMEOUT)

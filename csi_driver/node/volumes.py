@@ -176,7 +176,7 @@ class NodeVolumes:
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target = os.path.normpath(target_path)
         with self._locked(volume_id, "NodeUnpublishVolume"):
-            self.mounter.unmount(target)
+            self.mounter.unmount_all(target)
             _remove_target(target)
             record = self.records.load(volume_id)
             if record is not None and target in record.targets:
