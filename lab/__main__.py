@@ -57,9 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "status":
             lab = Lab.attach(a.run_dir)
             st = lab.status()
-            print(json.dumps({"run_dir": str(lab.run_dir), "image": str(lab.image), "guests": st,
-                              "rss_total_mib": sum(g["rss_mib"] for g in st.values()), "timings": lab.timings},
-                             indent=2))
+            print(
+                json.dumps(
+                    {
+                        "run_dir": str(lab.run_dir),
+                        "image": str(lab.image),
+                        "guests": st,
+                        "rss_total_mib": sum(g["rss_mib"] for g in st.values()),
+                        "timings": lab.timings,
+                    },
+                    indent=2,
+                )
+            )
             return 0 if all(g["alive"] for g in st.values()) else 1
         elif a.cmd == "sync":
             Lab.attach(a.run_dir).sync()

@@ -98,19 +98,33 @@ class Guest:
         if s.role == "storage":
             argv += ["-drive", f"file={self.dir / 'data.qcow2'},if=virtio,format=qcow2,cache=unsafe,discard=unmap"]
         # Control link: user-mode networking, no way out (restrict=on), ssh forwarded from 127.0.0.1 only.
-        argv += ["-netdev", f"user,id=ctl,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22",
-                 "-device", f"virtio-net-pci,netdev=ctl,id=ctl0,mac={mac(s.octet, 0)}"]
+        argv += [
+            "-netdev",
+            f"user,id=ctl,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22",
+            "-device",
+            f"virtio-net-pci,netdev=ctl,id=ctl0,mac={mac(s.octet, 0)}",
+        ]
         for k, ports in enumerate(s.link_ports):
             nic = f"virtio-net-pci,id=d{k},mac={data_macs[k]}"
             if s.role == "storage":
                 argv += ["-netdev", f"hubport,hubid={k},id=h{k}", "-device", f"{nic},netdev=h{k}"]
                 for j, port in enumerate(ports):
-                    argv += ["-netdev", f"socket,id=s{k}_{j},listen=127.0.0.1:{port}",
-                             "-netdev", f"hubport,hubid={k},id=p{k}_{j},netdev=s{k}_{j}"]
+                    argv += [
+                        "-netdev",
+                        f"socket,id=s{k}_{j},listen=127.0.0.1:{port}",
+                        "-netdev",
+                        f"hubport,hubid={k},id=p{k}_{j},netdev=s{k}_{j}",
+                    ]
             else:
                 argv += ["-netdev", f"socket,id=n{k},connect=127.0.0.1:{ports[0]}", "-device", f"{nic},netdev=n{k}"]
-        argv += ["-serial", f"file:{self.console}", "-monitor", f"unix:{self.monitor_path},server=on,wait=off",
-                 "-pidfile", str(self.dir / "qemu.pid")]
+        argv += [
+            "-serial",
+            f"file:{self.console}",
+            "-monitor",
+            f"unix:{self.monitor_path},server=on,wait=off",
+            "-pidfile",
+            str(self.dir / "qemu.pid"),
+        ]
         if daemonize:
             argv += ["-daemonize"]
         return argv
@@ -126,12 +140,23 @@ class Guest:
                 os.setpgrp()  # a Ctrl-C in the terminal goes to pytest, which then stops the guests cleanly
                 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
-            self.proc = subprocess.Popen(self.argv(daemonize=False), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=bind)
+            self.proc = subprocess.Popen(
+                self.argv(daemonize=False),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=bind,
+            )
             self.spec.pid = self.proc.pid
         else:
-            subprocess.run(self.argv(daemonize=True), stdin=subprocess.DEVNULL, stdout=log,
-                           stderr=subprocess.STDOUT, check=False, start_new_session=True)
+            subprocess.run(
+                self.argv(daemonize=True),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+                start_new_session=True,
+            )
             pidfile = self.dir / "qemu.pid"
             if not pidfile.exists():
                 raise RuntimeError(f"{self.name}: qemu did not start: {(self.dir / 'qemu.log').read_text()}")

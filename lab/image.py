@@ -72,8 +72,9 @@ def guest_requirements(pyproject: Path = config.REPO / "pyproject.toml") -> list
 def kernel_package() -> tuple[str, str]:
     """The cloud kernel the meta package points to in the host's apt lists: (package, version)."""
     try:
-        out = subprocess.run(["apt-cache", "show", "linux-image-cloud-amd64"], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["apt-cache", "show", "linux-image-cloud-amd64"], check=True, capture_output=True, text=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise BuildError(f"cannot resolve linux-image-cloud-amd64 with apt-cache (run apt-get update): {e}") from e
     # apt-cache lists the newest version first.
@@ -101,8 +102,9 @@ def current_inputs() -> Inputs:
     # The build code and every file copied into the image; not the rest of lab/ (CLI edits need no rebuild).
     for p in [Path(__file__), *sorted(config.FILES_DIR.iterdir())]:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return Inputs(tuple(PACKAGES), kernel_package(), tuple(guest_requirements()), config.CSI_SANITY_VERSION,
-                  h.hexdigest())
+    return Inputs(
+        tuple(PACKAGES), kernel_package(), tuple(guest_requirements()), config.CSI_SANITY_VERSION, h.hexdigest()
+    )
 
 
 def image_dir(inputs: Inputs | None = None) -> Path:
@@ -138,6 +140,7 @@ def ensure_image(force: bool = False) -> Path:
             build(inputs, tmp)
             if final.exists():
                 shutil.rmtree(final)
+            os.chmod(tmp, 0o755)
             os.rename(tmp, final)  # atomic: the image appears complete or not at all
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -155,8 +158,10 @@ def csi_sanity_binary() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as gobin:
         log(f"building csi-sanity {config.CSI_SANITY_VERSION}")
-        run([go, "install", f"{config.CSI_SANITY_MODULE}@{config.CSI_SANITY_VERSION}"],
-            env={**os.environ, "GOBIN": gobin, "CGO_ENABLED": "0"})
+        run(
+            [go, "install", f"{config.CSI_SANITY_MODULE}@{config.CSI_SANITY_VERSION}"],
+            env={**os.environ, "GOBIN": gobin, "CGO_ENABLED": "0"},
+        )
         os.rename(Path(gobin) / "csi-sanity", out)
     return out
 
@@ -178,34 +183,69 @@ def build(inputs: Inputs, out: Path) -> None:
     rootfs = out / "rootfs"
     reqs = out / "requirements.txt"
     reqs.write_text("\n".join(inputs.requirements) + "\n")
-    env = {**os.environ, "PYTHONPATH": str(config.REPO), "BERTH_LAB_KERNEL_DEB": str(kernel_deb),
-           "BERTH_LAB_OUT": str(out), "BERTH_LAB_PIPCACHE": str(pipcache), "BERTH_LAB_SANITY": str(sanity)}
-    hook = f"{sys.executable} -m lab.image customize \"$1\""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(config.REPO),
+        "BERTH_LAB_KERNEL_DEB": str(kernel_deb),
+        "BERTH_LAB_OUT": str(out),
+        "BERTH_LAB_PIPCACHE": str(pipcache),
+        "BERTH_LAB_SANITY": str(sanity),
+    }
+    hook = f'{sys.executable} -m lab.image customize "$1"'
     log(f"mmdebstrap {config.SUITE} -> {rootfs}")
-    run(["mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
-         "--include=" + ",".join(inputs.packages),
-         "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
-         "--dpkgopt=path-exclude=/usr/share/info/*",
-         # Share downloaded .debs between builds (the mmdebstrap man page recipe).
-         "--skip=essential/unlink",
-         f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/ && cp -a {debs}/. \"$1\"/var/cache/apt/archives/",
-         f"--customize-hook=cp -a \"$1\"/var/cache/apt/archives/. {debs}/ && rm -f {debs}/lock && rm -rf {debs}/partial",
-         f"--customize-hook={hook}",
-         config.SUITE, str(rootfs), *mirrors()], env=env)
+    run(
+        [
+            "mmdebstrap",
+            "--mode=root",
+            "--variant=minbase",
+            "--format=directory",
+            "--include=" + ",".join(inputs.packages),
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            "--dpkgopt=path-exclude=/usr/share/info/*",
+            # Share downloaded .debs between builds (the mmdebstrap man page recipe).
+            "--skip=essential/unlink",
+            f'--setup-hook=mkdir -p "$1"/var/cache/apt/archives/ && cp -a {debs}/. "$1"/var/cache/apt/archives/',
+            f'--customize-hook=cp -a "$1"/var/cache/apt/archives/. {debs}/ && rm -rf {debs}/lock {debs}/partial',
+            f"--customize-hook={hook}",
+            config.SUITE,
+            str(rootfs),
+            *mirrors(),
+        ],
+        env=env,
+    )
     t1 = time.monotonic()
 
     kver = kpkg.removeprefix("linux-image-")
     shutil.copy(rootfs / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
     (out / "initrd.img").write_bytes(make_initrd(rootfs, kver))
     log(f"mkfs.ext4 -d rootfs root.raw ({ROOT_SIZE})")
-    run(["mkfs.ext4", "-q", "-F", "-L", "berth-root", "-E", "root_owner=0:0", "-d", str(rootfs),
-         str(out / "root.raw"), ROOT_SIZE])
+    run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "berth-root",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(rootfs),
+            str(out / "root.raw"),
+            ROOT_SIZE,
+        ]
+    )
     shutil.rmtree(rootfs)
     reqs.unlink()
-    manifest = {"inputs": inputs.__dict__, "digest": inputs.digest(), "kernel_release": kver,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": {"mmdebstrap": round(t1 - t0, 1), "total": round(time.monotonic() - t0, 1)}}
+    manifest = {
+        "inputs": inputs.__dict__,
+        "digest": inputs.digest(),
+        "kernel_release": kver,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": {"mmdebstrap": round(t1 - t0, 1), "total": round(time.monotonic() - t0, 1)},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"image built in {time.monotonic() - t0:.0f} s")
 
@@ -215,9 +255,11 @@ def mirrors() -> list[str]:
     host = Path("/etc/apt/sources.list.d/debian.sources")
     if host.exists() and f"Suites: {config.SUITE}" in host.read_text():
         return [str(host)]
-    return [f"deb http://deb.debian.org/debian {config.SUITE} main",
-            f"deb http://deb.debian.org/debian {config.SUITE}-updates main",
-            f"deb http://deb.debian.org/debian-security {config.SUITE}-security main"]
+    return [
+        f"deb http://deb.debian.org/debian {config.SUITE} main",
+        f"deb http://deb.debian.org/debian {config.SUITE}-updates main",
+        f"deb http://deb.debian.org/debian-security {config.SUITE}-security main",
+    ]
 
 
 def fetch_kernel(pkg: str, version: str, debs: Path) -> Path:
@@ -263,9 +305,11 @@ def customize(root: Path) -> None:
     iscsid = root / "etc/iscsi/iscsid.conf"
     conf = iscsid.read_text()
     # Short timeouts so multipath fails over in seconds (the default 120 s hangs I/O for two minutes).
-    for key, val in [("node.session.timeo.replacement_timeout", "5"),
-                     ("node.conn[0].timeo.noop_out_interval", "2"),
-                     ("node.conn[0].timeo.noop_out_timeout", "2")]:
+    for key, val in [
+        ("node.session.timeo.replacement_timeout", "5"),
+        ("node.conn[0].timeo.noop_out_interval", "2"),
+        ("node.conn[0].timeo.noop_out_timeout", "2"),
+    ]:
         conf = re.sub(rf"^#?\s*{re.escape(key)}\s*=.*$", f"{key} = {val}", conf, flags=re.M)
     iscsid.write_text(conf)
     (root / "etc/iscsi/initiatorname.iscsi").unlink(missing_ok=True)  # written per guest at boot
@@ -283,8 +327,9 @@ def customize(root: Path) -> None:
     ssh.mkdir(mode=0o700, exist_ok=True)
     shutil.copy(out / "id_ed25519.pub", ssh / "authorized_keys")
     shutil.copy(out / "id_ed25519", ssh / "id_ed25519")  # guests may ssh to each other
-    (ssh / "config").write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
-                                "  LogLevel ERROR\n")
+    (ssh / "config").write_text(
+        "Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+    )
 
     log("python venv with Berth's runtime dependencies")
     venv = config.GUEST_VENV
@@ -295,17 +340,45 @@ def customize(root: Path) -> None:
     shutil.copy(out / "requirements.txt", root / "tmp/requirements.txt")
     # pip in the chroot gets the host's proxy settings and CA bundle (a TLS-intercepting proxy needs its CA),
     # but not host paths that do not exist in the chroot.
-    pip_env = {k: v for k, v in env.items() if k.lower() in {"http_proxy", "https_proxy", "no_proxy"}
-               or k in {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_DEFAULT_TIMEOUT", "PIP_TRUSTED_HOST"}}
-    cert = next((c for c in (env.get("PIP_CERT"), env.get("SSL_CERT_FILE"), env.get("REQUESTS_CA_BUNDLE"),
-                             "/etc/ssl/certs/ca-certificates.crt") if c and Path(c).is_file()), None)
+    pip_env = {
+        k: v
+        for k, v in env.items()
+        if k.lower() in {"http_proxy", "https_proxy", "no_proxy"}
+        or k in {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_DEFAULT_TIMEOUT", "PIP_TRUSTED_HOST"}
+    }
+    cert = next(
+        (
+            c
+            for c in (
+                env.get("PIP_CERT"),
+                env.get("SSL_CERT_FILE"),
+                env.get("REQUESTS_CA_BUNDLE"),
+                "/etc/ssl/certs/ca-certificates.crt",
+            )
+            if c and Path(c).is_file()
+        ),
+        None,
+    )
     if cert:
         shutil.copy(cert, root / "tmp/host-ca.crt")
         pip_env.update({k: "/tmp/host-ca.crt" for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")})
-    chroot(root, "env", "-i", "HOME=/root", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-           *[f"{k}={v}" for k, v in pip_env.items()],
-           f"{venv}/bin/pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
-           "--cache-dir", "/root/.cache/pip", "-r", "/tmp/requirements.txt")
+    chroot(
+        root,
+        "env",
+        "-i",
+        "HOME=/root",
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        *[f"{k}={v}" for k, v in pip_env.items()],
+        f"{venv}/bin/pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-compile",
+        "--cache-dir",
+        "/root/.cache/pip",
+        "-r",
+        "/tmp/requirements.txt",
+    )
     (root / "tmp/host-ca.crt").unlink(missing_ok=True)
     shutil.copytree(cache_in, env["BERTH_LAB_PIPCACHE"], dirs_exist_ok=True)
     shutil.rmtree(root / "root/.cache")
@@ -365,8 +438,7 @@ def make_initrd(root: Path, kver: str) -> bytes:
     buf = io.BytesIO()
     for ino, (path, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], start=1):
         name = path.encode() + b"\0"
-        hdr = "070701" + "".join(f"{v:08x}" for v in (
-            ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0))
+        hdr = "070701" + "".join(f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name), 0))
         buf.write(hdr.encode() + name)
         buf.write(b"\0" * (-(110 + len(name)) % 4))
         buf.write(data)

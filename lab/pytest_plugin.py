@@ -46,8 +46,10 @@ def _clean_stale_runs() -> None:
 def lab() -> Iterator[Lab]:
     global _active
     if not config.qemu_binary():
-        pytest.skip("qemu-system-x86_64 not found on PATH: the storage lab needs qemu "
-                    "(apt-get install qemu-system-x86 qemu-utils, or run lab/ci-setup.sh)")
+        pytest.skip(
+            "qemu-system-x86_64 not found on PATH: the storage lab needs qemu "
+            "(apt-get install qemu-system-x86 qemu-utils, or run lab/ci-setup.sh)"
+        )
     if os.environ.get("BERTH_LAB_REUSE") == "1" and (config.RUN_DIR / STATE).exists():
         existing = Lab.attach(config.RUN_DIR)
         if all(existing.alive().values()):
@@ -78,8 +80,12 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     report = yield
-    if report.failed and report.when in ("setup", "call") and _active is not None \
-            and "lab" in getattr(item, "fixturenames", ()):
+    if (
+        report.failed
+        and report.when in ("setup", "call")
+        and _active is not None
+        and "lab" in getattr(item, "fixturenames", ())
+    ):
         dest = ARTIFACTS / re.sub(r"[^\w.-]+", "_", item.nodeid).strip("_")
         try:
             _active.collect(dest)

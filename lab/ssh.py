@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from pathlib import Path
 class CommandError(RuntimeError):
     def __init__(self, guest: str, cmd: str, result: Result):
         self.result = result
-        super().__init__(f"{guest}: `{cmd}` exited {result.rc}\n--- stdout\n{result.stdout[-4000:]}"
-                         f"\n--- stderr\n{result.stderr[-4000:]}")
+        super().__init__(
+            f"{guest}: `{cmd}` exited {result.rc}\n--- stdout\n{result.stdout[-4000:]}"
+            f"\n--- stderr\n{result.stderr[-4000:]}"
+        )
 
 
 @dataclass
@@ -49,12 +52,19 @@ class SSH:
         args = self.base_argv() + (["-t"] if tty else ["-T"]) + ["127.0.0.1"]
         return args + ([cmd] if cmd is not None else [])
 
-    def run(self, cmd: str, timeout: float = 120, check: bool = True, input: str | bytes | None = None,
-            text: bool = True) -> Result:
+    def run(
+        self, cmd: str, timeout: float = 120, check: bool = True, input: str | bytes | None = None, text: bool = True
+    ) -> Result:
         """Run `cmd` with the guest's root shell; raise CommandError on a non-zero exit if `check`."""
         try:
-            p = subprocess.run(self.argv(cmd), input=input, capture_output=True, timeout=timeout, text=text,
-                               stdin=None if input is not None else subprocess.DEVNULL)
+            p = subprocess.run(
+                self.argv(cmd),
+                input=input,
+                capture_output=True,
+                timeout=timeout,
+                text=text,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as e:
             raise TimeoutError(f"{self.name}: `{cmd}` still running after {timeout} s") from e
         res = Result(p.returncode, p.stdout, p.stderr)
@@ -62,7 +72,7 @@ class SSH:
             raise CommandError(self.name, cmd, res)
         return res
 
-    def wait_ready(self, timeout: float, alive: callable = lambda: True) -> float:
+    def wait_ready(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
         """Wait until sshd answers; returns the seconds waited. `alive` aborts early if qemu died."""
         t0 = time.monotonic()
         while True:

@@ -41,8 +41,14 @@ def log(msg: str) -> None:
 
 
 class Lab:
-    def __init__(self, run_dir: Path = config.RUN_DIR, nodes: int = 2, keep: bool = False,
-                 owner_bound: bool = False, image_dir: Path | None = None):
+    def __init__(
+        self,
+        run_dir: Path = config.RUN_DIR,
+        nodes: int = 2,
+        keep: bool = False,
+        owner_bound: bool = False,
+        image_dir: Path | None = None,
+    ):
         self.run_dir = Path(run_dir).resolve()
         self.nodes = nodes
         self.keep = keep  # keep disks between runs instead of fresh overlays
@@ -114,10 +120,13 @@ class Lab:
             # Fresh identity per run; a kept disk keeps its machine-id so journals stay consistent.
             mid = previous[name].machine_id if self.keep and name in previous else uuid.uuid4().hex
             role = "storage" if i == 0 else "node"
-            specs.append(GuestSpec(name=name, role=role, octet=1 if i == 0 else 10 + i, ssh_port=ports[i],
-                                   machine_id=mid, mem_mb=1024))
-        link = ports[1 + n:]
-        specs[0].link_ports = [link[k * n:(k + 1) * n] for k in range(2)]
+            specs.append(
+                GuestSpec(
+                    name=name, role=role, octet=1 if i == 0 else 10 + i, ssh_port=ports[i], machine_id=mid, mem_mb=1024
+                )
+            )
+        link = ports[1 + n :]
+        specs[0].link_ports = [link[k * n : (k + 1) * n] for k in range(2)]
         for i in range(1, n + 1):
             specs[i].link_ports = [[link[k * n + i - 1]] for k in range(2)]
         self._make_guests(specs)
@@ -137,8 +146,11 @@ class Lab:
             self.timings.update({f"ssh_{k}": round(v, 1) for k, v in waited.items()})
             self.timings["ssh_all"] = round(time.monotonic() - t1, 1)
             with ThreadPoolExecutor(len(self.guests)) as pool:
-                list(pool.map(lambda name: self.run(name, "systemctl start berth-lab-role.service", timeout=120),
-                              self.names))
+                list(
+                    pool.map(
+                        lambda name: self.run(name, "systemctl start berth-lab-role.service", timeout=120), self.names
+                    )
+                )
             self.timings["ready"] = round(time.monotonic() - t1, 1)
             if sync:
                 self.sync()
@@ -180,15 +192,16 @@ class Lab:
         if name not in self.guests:
             raise LabError(f"no guest {name!r} (have: {', '.join(self.guests)})")
         if name not in self._ssh:
-            self._ssh[name] = SSH(name, self.guests[name].spec.ssh_port, self.image / "id_ed25519",
-                                  control_dir(self.run_dir))
+            self._ssh[name] = SSH(
+                name, self.guests[name].spec.ssh_port, self.image / "id_ed25519", control_dir(self.run_dir)
+            )
         return self._ssh[name]
 
-    def run(self, name: str, cmd: str, timeout: float = 120, check: bool = True,
-            input: str | bytes | None = None) -> Result:
+    def run(
+        self, name: str, cmd: str, timeout: float = 120, check: bool = True, input: str | bytes | None = None
+    ) -> Result:
         """Run a shell command as root in guest `name`: Result(rc, stdout, stderr)."""
-        return self.ssh(name).run(cmd, timeout=timeout, check=check, input=input,
-                                  text=not isinstance(input, bytes))
+        return self.ssh(name).run(cmd, timeout=timeout, check=check, input=input, text=not isinstance(input, bytes))
 
     def python(self, name: str, script: str, timeout: float = 120, check: bool = True) -> Result:
         """Run a Python script with the guest's venv (Berth's deps, rtslib_fb, the synced source tree)."""
@@ -210,8 +223,7 @@ class Lab:
         t0 = time.monotonic()
         blob = tree_tarball(config.REPO)
         dst = config.GUEST_SRC
-        cmd = (f"rm -rf {dst}.new && mkdir -p {dst}.new && tar xzf - -C {dst}.new && rm -rf {dst} && "
-               f"mv {dst}.new {dst}")
+        cmd = f"rm -rf {dst}.new && mkdir -p {dst}.new && tar xzf - -C {dst}.new && rm -rf {dst} && mv {dst}.new {dst}"
         with ThreadPoolExecutor(len(self.guests)) as pool:
             list(pool.map(lambda n: self.run(n, cmd, input=blob, timeout=120), self.names))
         self.timings["sync"] = round(time.monotonic() - t0, 1)
@@ -227,9 +239,14 @@ class Lab:
             if not g.alive():
                 (dest / f"{name}.journal.txt").write_text("guest not running\n")
                 return
-            for what, cmd in [("journal", "journalctl -b --no-pager -o short-monotonic"),
-                              ("state", "ip -br addr; iscsiadm -m session -P 1; multipath -ll; lvs -a; "
-                                        "exportfs -v; mount | grep -E 'nfs|xfs|ext4'")]:
+            for what, cmd in [
+                ("journal", "journalctl -b --no-pager -o short-monotonic"),
+                (
+                    "state",
+                    "ip -br addr; iscsiadm -m session -P 1; multipath -ll; lvs -a; "
+                    "exportfs -v; mount | grep -E 'nfs|xfs|ext4'",
+                ),
+            ]:
                 try:
                     r = self.run(name, cmd, timeout=60, check=False)
                     (dest / f"{name}.{what}.txt").write_text(r.stdout + r.stderr)
@@ -243,9 +260,14 @@ class Lab:
     def status(self) -> dict:
         out = {}
         for name, g in self.guests.items():
-            out[name] = {"role": g.spec.role, "alive": g.alive(), "pid": g.spec.pid, "ssh_port": g.spec.ssh_port,
-                         "addresses": [f"{net}.{g.spec.octet}" for net in config.SUBNETS],
-                         "rss_mib": rss_mib(g.spec.pid) if g.alive() else 0}
+            out[name] = {
+                "role": g.spec.role,
+                "alive": g.alive(),
+                "pid": g.spec.pid,
+                "ssh_port": g.spec.ssh_port,
+                "addresses": [f"{net}.{g.spec.octet}" for net in config.SUBNETS],
+                "rss_mib": rss_mib(g.spec.pid) if g.alive() else 0,
+            }
         return out
 
 
@@ -268,7 +290,8 @@ def control_dir(run_dir: Path) -> Path:
 def tree_tarball(repo: Path) -> bytes:
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         parts = Path(info.name).parts
-        if any(p in SYNC_EXCLUDE or p.endswith(".egg-info") for p in parts) or "/".join(parts[:2]) in SYNC_EXCLUDE_PATHS:
+        excluded = any(p in SYNC_EXCLUDE or p.endswith(".egg-info") for p in parts)
+        if excluded or "/".join(parts[:2]) in SYNC_EXCLUDE_PATHS:
             return None
         info.uid = info.gid = 0
         info.uname = info.gname = "root"

@@ -33,7 +33,9 @@ def export_lun(lab: Lab, name: str, dev: str, initiators: list[str]) -> str:
     iqn = target_iqn(name)
     acls = [f"{IQN_PREFIX}:{n}" for n in initiators]
     # One python3 + rtslib_fb: 0.5 s, where each targetcli call costs 1-2 s under TCG.
-    lab.python("storage", f"""
+    lab.python(
+        "storage",
+        f"""
 import rtslib_fb as r
 r.RTSRoot()
 so = r.BlockStorageObject({name!r}, dev={dev!r})
@@ -45,12 +47,15 @@ lun = r.LUN(tpg, 0, so)
 for acl in {acls!r}:
     r.MappedLUN(r.NodeACL(tpg, acl), 0, lun)
 tpg.enable = True
-""")
+""",
+    )
     return iqn
 
 
 def unexport_lun(lab: Lab, name: str) -> None:
-    lab.python("storage", f"""
+    lab.python(
+        "storage",
+        f"""
 import rtslib_fb as r
 root = r.RTSRoot()
 for t in root.targets:
@@ -59,12 +64,16 @@ for t in root.targets:
 for so in root.storage_objects:
     if so.name == {name!r}:
         so.delete()
-""", check=False)
+""",
+        check=False,
+    )
 
 
 def sessions_on_target(lab: Lab, name: str) -> dict[str, int]:
     """Initiator IQN -> number of logged-in connections, as the storage guest's LIO sees them."""
-    out = lab.python("storage", f"""
+    out = lab.python(
+        "storage",
+        f"""
 import rtslib_fb as r
 for t in r.RTSRoot().targets:
     if t.wwn == {target_iqn(name)!r}:
@@ -72,14 +81,18 @@ for t in r.RTSRoot().targets:
             for acl in tpg.node_acls:
                 s = acl.session
                 print(acl.node_wwn, len(s["connections"]) if s and s["state"] == "LOGGED_IN" else 0)
-""").stdout
+""",
+    ).stdout
     return {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.strip()}
 
 
 def login(lab: Lab, node: str, iqn: str, portal: str = PORTALS[0]) -> str:
     """Discover + log in through `portal`; returns the /dev/disk/by-path link of LUN 0."""
-    lab.run(node, f"iscsiadm -m discovery -t st -p {portal} >/dev/null && "
-                  f"iscsiadm -m node -T {iqn} -p {portal}:3260 --login >/dev/null")
+    lab.run(
+        node,
+        f"iscsiadm -m discovery -t st -p {portal} >/dev/null && "
+        f"iscsiadm -m node -T {iqn} -p {portal}:3260 --login >/dev/null",
+    )
     return wait_path(lab, node, f"/dev/disk/by-path/ip-{portal}:3260-iscsi-{iqn}-lun-0")
 
 
@@ -88,23 +101,32 @@ def logout(lab: Lab, node: str, iqn: str) -> None:
 
 
 def wait_path(lab: Lab, node: str, path: str, timeout: float = 30) -> str:
-    lab.run(node, f"for i in $(seq {int(timeout * 5)}); do [ -b {path} ] && exit 0; sleep 0.2; done; "
-                  f"echo 'no {path}' >&2; exit 1", timeout=timeout + 10)
+    lab.run(
+        node,
+        f"for i in $(seq {int(timeout * 5)}); do [ -b {path} ] && exit 0; sleep 0.2; done; "
+        f"echo 'no {path}' >&2; exit 1",
+        timeout=timeout + 10,
+    )
     return path
 
 
 def write_random(lab: Lab, node: str, dev: str, seek_mib: int, mib: int = 4, timeout: float = 120) -> str:
     """Write `mib` MiB of fresh random data at `seek_mib` with O_DIRECT; returns its sha256."""
-    out = lab.run(node, f"head -c {mib}M /dev/urandom > /tmp/blk && "
-                        f"dd if=/tmp/blk of={dev} bs=1M count={mib} seek={seek_mib} oflag=direct conv=fsync "
-                        f"status=none && sha256sum < /tmp/blk", timeout=timeout).stdout
+    out = lab.run(
+        node,
+        f"head -c {mib}M /dev/urandom > /tmp/blk && "
+        f"dd if=/tmp/blk of={dev} bs=1M count={mib} seek={seek_mib} oflag=direct conv=fsync "
+        f"status=none && sha256sum < /tmp/blk",
+        timeout=timeout,
+    ).stdout
     return out.split()[0]
 
 
 def read_sha(lab: Lab, node: str, dev: str, skip_mib: int, mib: int = 4, timeout: float = 120) -> str:
     """sha256 of `mib` MiB at `skip_mib`, read with O_DIRECT (from the device, not the page cache)."""
-    out = lab.run(node, f"dd if={dev} bs=1M count={mib} skip={skip_mib} iflag=direct status=none | sha256sum",
-                  timeout=timeout).stdout
+    out = lab.run(
+        node, f"dd if={dev} bs=1M count={mib} skip={skip_mib} iflag=direct status=none | sha256sum", timeout=timeout
+    ).stdout
     return out.split()[0]
 
 

@@ -24,12 +24,16 @@ def test_multipath_survives_link_down(lab):
         for portal in h.PORTALS:
             h.login(lab, node, iqn, portal)
         # One map over two paths, one per subnet.
-        wwid = lab.run(node, f"/lib/udev/scsi_id -g -u $(readlink -f /dev/disk/by-path/ip-{h.PORTALS[0]}:3260-"
-                             f"iscsi-{iqn}-lun-0)").stdout.strip()
+        wwid = lab.run(
+            node, f"/lib/udev/scsi_id -g -u $(readlink -f /dev/disk/by-path/ip-{h.PORTALS[0]}:3260-iscsi-{iqn}-lun-0)"
+        ).stdout.strip()
         assert wwid, "no WWID for the LUN"
         mpath = f"/dev/mapper/{wwid}"
-        h.wait_for(lambda: len(paths(lab, node)) == 2 and all(p.startswith("active ready") for p in paths(lab, node)),
-                   timeout=60, what="2 active multipath paths")
+        h.wait_for(
+            lambda: len(paths(lab, node)) == 2 and all(p.startswith("active ready") for p in paths(lab, node)),
+            timeout=60,
+            what="2 active multipath paths",
+        )
         topo = lab.run(node, f"multipath -ll {wwid}").stdout
         assert topo.count("active ready running") == 2, topo
         h.wait_path(lab, node, mpath)
@@ -41,6 +45,7 @@ def test_multipath_survives_link_down(lab):
             during = h.write_random(lab, node, mpath, seek_mib=16, timeout=90)
             assert h.read_sha(lab, node, mpath, skip_mib=16, timeout=90) == during
             assert h.read_sha(lab, node, mpath, skip_mib=0, timeout=90) == before
+
             def failed_seen() -> list[str] | None:
                 states = paths(lab, node)
                 return states if any("failed" in s for s in states) else None
@@ -49,8 +54,11 @@ def test_multipath_survives_link_down(lab):
             assert sum(s.startswith("active ready") for s in states) == 1, states
         finally:
             lab.set_link(node, 1, up=True)
-        h.wait_for(lambda: sum(p.startswith("active ready") for p in paths(lab, node)) == 2, timeout=90,
-                   what="the pulled path to come back")
+        h.wait_for(
+            lambda: sum(p.startswith("active ready") for p in paths(lab, node)) == 2,
+            timeout=90,
+            what="the pulled path to come back",
+        )
         # The data written with one path down is really on the LUN: read it from the storage guest.
         assert h.read_sha(lab, "storage", dev, skip_mib=16) == during
     finally:

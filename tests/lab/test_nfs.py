@@ -13,16 +13,21 @@ def test_nfs_export_shared_by_two_nodes(lab):
     a, b = lab.node_names[:2]
     dev = h.thin_lv(lab, name, "512M")
     try:
-        lab.run("storage", f"mkfs.xfs -q {dev} && mkdir -p {export} && mount {dev} {export} && "
-                           f"exportfs -o rw,sync,no_root_squash,no_subtree_check 198.18.0.0/24:{export}")
-        lab.run_all(f"mkdir -p /mnt/{name} && mount -t nfs -o vers=4.2,hard,timeo=50 storage:{export} /mnt/{name}",
-                    names=[a, b])
+        lab.run(
+            "storage",
+            f"mkfs.xfs -q {dev} && mkdir -p {export} && mount {dev} {export} && "
+            f"exportfs -o rw,sync,no_root_squash,no_subtree_check 198.18.0.0/24:{export}",
+        )
+        lab.run_all(
+            f"mkdir -p /mnt/{name} && mount -t nfs -o vers=4.2,hard,timeo=50 storage:{export} /mnt/{name}", names=[a, b]
+        )
         for n in (a, b):
             opts = lab.run(n, f"findmnt -no FSTYPE,OPTIONS /mnt/{name}").stdout
             assert opts.startswith("nfs4") and "vers=4.2" in opts, opts
 
-        written = lab.run(a, f"head -c 1M /dev/urandom > /mnt/{name}/from-{a} && sync && "
-                             f"sha256sum < /mnt/{name}/from-{a}").stdout.split()[0]
+        written = lab.run(
+            a, f"head -c 1M /dev/urandom > /mnt/{name}/from-{a} && sync && sha256sum < /mnt/{name}/from-{a}"
+        ).stdout.split()[0]
         assert lab.run(b, f"sha256sum < /mnt/{name}/from-{a}").stdout.split()[0] == written
         lab.run(b, f"echo hello-from-{b} > /mnt/{name}/from-{b}")
         assert lab.run(a, f"cat /mnt/{name}/from-{b}").stdout.strip() == f"hello-from-{b}"
