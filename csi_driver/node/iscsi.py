@@ -189,7 +189,7 @@ class IscsiVolumes:
     def new_record(self, request: StageRequest) -> StageRecord:
         if request.access_type == MOUNT and request.access_mode in MULTI_NODE_WRITER_MODES:
             # ext4/xfs mounted on two nodes corrupt each other; shared files are what NFS volumes are for.
-            raise InvalidVolume("an iSCSI volume with a filesystem cannot be written from several nodes; use block or NFS")
+            raise InvalidVolume("a filesystem on iSCSI cannot be written from several nodes; use block or NFS")
         targets = targets_from_publish_context(request.publish_context)
         fs_type = fs_type_or_default(request.fs_type) if request.access_type == MOUNT else ""
         return StageRecord(

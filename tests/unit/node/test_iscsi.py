@@ -1,0 +1,73 @@
+import pytest
+
+from csi_driver.node.errors import InvalidVolume, WwnMismatch
+from csi_driver.node.iscsi import connection_properties, normalize_wwn, targets_from_publish_context
+
+from .conftest import WWN
+
+
+def test_single_portal_uses_singular_keys_and_chap():
+    targets = targets_from_publish_context({"targetPortals": "198.18.0.2", "targetIqn": "iqn.x:v", "targetLun": "0"})
+    props = connection_properties(targets, {"node.session.auth.username": "u", "node.session.auth.password": "p"})
+    assert props == {
+        "target_portal": "198.18.0.2:3260",
+        "target_iqn": "iqn.x:v",
+        "target_lun": 0,
+        "auth_method": "CHAP",
+        "auth_username": "u",
+        "auth_password": "p",
+    }
+
+
+def test_two_portals_mean_enforced_multipath():
+    ctx = {"targetPortals": "198.18.0.2:3260,198.18.1.2:3260", "targetIqn": "iqn.x:v", "targetLun": "3"}
+    props = connection_properties(targets_from_publish_context(ctx), {})
+    assert props["target_portals"] == ["198.18.0.2:3260", "198.18.1.2:3260"]
+    assert props["target_iqns"] == ["iqn.x:v", "iqn.x:v"] and props["target_luns"] == [3, 3]
+    assert props["enforce_multipath"] is True and "auth_method" not in props
+
+
+@pytest.mark.parametrize("ctx", [{}, {"targetPortals": "1.2.3.4"}, {"targetIqn": "iqn.x:v", "targetPortals": " "}])
+def test_incomplete_publish_context(ctx):
+    with pytest.raises(InvalidVolume, match="targetPortals and targetIqn"):
+        targets_from_publish_context(ctx)
+
+
+@pytest.mark.parametrize("text", [WWN, "3" + WWN, "naa." + WWN, "wwn-0x" + WWN, "0x" + WWN.upper()])
+def test_normalize_wwn(text):
+    assert normalize_wwn(text) == WWN
+
+
+PROPS = {"target_portal": "198.18.0.2:3260", "target_iqn": "iqn.x:v", "target_lun": 0}
+
+
+def test_attach_sets_manual_startup_after_login(node):
+    iscsi = node.volumes.protocols["iscsi"]
+    device = iscsi.attach(dict(PROPS), False, WWN, {})
+    assert device.path == node.device and device.wwn == WWN
+    assert node.connector_log[0][0] == "connect"
+    assert node.system.calls == [
+        ["iscsiadm", "-m", "node", "-T", "iqn.x:v", "-p", "198.18.0.2:3260", "--op", "update",
+         "-n", "node.startup", "-v", "manual"]
+    ]  # fmt: skip
+
+
+def test_mutual_chap_is_written_into_the_node_record_before_login(node):
+    iscsi = node.volumes.protocols["iscsi"]
+    secrets = {"node.session.auth.username_in": "tgt", "node.session.auth.password_in": "pw"}
+    iscsi.attach(dict(PROPS), False, WWN, secrets)
+    updates = [c[-3:] for c in node.system.commands("iscsiadm") if "update" in c]
+    assert updates[:2] == [
+        ["node.session.auth.username_in", "-v", "tgt"],
+        ["node.session.auth.password_in", "-v", "pw"],
+    ]
+    assert ["--interface", "default", "--op", "new"] == node.system.calls[0][-4:]
+
+
+def test_wrong_wwn_detaches_and_refuses(node):
+    iscsi = node.volumes.protocols["iscsi"]
+    with pytest.raises(WwnMismatch, match="refusing"):
+        iscsi.attach(dict(PROPS), False, "6001405" + "0" * 25, {})
+    kinds = [entry[0] for entry in node.connector_log]
+    assert kinds == ["connect", "disconnect"]
+    assert node.connector_log[1][3] is True  # force
