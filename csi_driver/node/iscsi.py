@@ -101,6 +101,7 @@ def _setup_os_brick(lock_dir: str) -> None:
         # hub), which matters because grpcio's threads must stay real threads.
         import os_brick
         import os_brick.privileged
+        from oslo_concurrency import lockutils  # noqa: F401  (registers the [oslo_concurrency] options)
         from oslo_config import cfg
 
         os_brick.privileged.default.set_client_mode(False)
