@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from csi_driver.ids import InvalidId, encode_node_id
 
 from .commands import Runner
+from .errors import NodeError
 
 log = logging.getLogger("berth.node.identity")
 
@@ -50,3 +51,15 @@ def local_node_id(addresses: Sequence[str], fallback: str, initiator_file: str =
     except InvalidId as err:
         log.warning("node ID falls back to the host name", extra={"reason": str(err), "node_id": fallback})
         return fallback
+
+
+def default_node_id(fallback: str, runner: Runner | None = None, initiator_file: str = INITIATOR_FILE) -> str:
+    """The node ID when `--node-id` is not given: IQN + global addresses, else `fallback`."""
+    from .commands import LocalRunner
+
+    try:
+        addresses = discover_addresses(runner or LocalRunner())
+    except (NodeError, ValueError) as err:
+        log.warning("cannot list this node's addresses", extra={"error": str(err)})
+        addresses = []
+    return local_node_id(addresses, fallback, initiator_file)

@@ -7,12 +7,14 @@ with a missing field and expects INVALID_ARGUMENT, not NOT_FOUND.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 
 import grpc
 
 from csi_driver.csi import csi_pb2, csi_pb2_grpc
 from csi_driver.node import errors
-from csi_driver.node.protocol import BLOCK, MOUNT, StageRequest
+from csi_driver.node.protocol import BLOCK, MOUNT, StageRequest, VolumeProtocol
 from csi_driver.node.volumes import NodeVolumes, PublishRequest
 
 log = logging.getLogger("berth.node")
@@ -191,3 +193,25 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except Exception as err:
             self._fail(context, err, "NodeExpandVolume")
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=capacity)
+
+
+def make_node_service(
+    node_id: str, state_dir: str, max_volumes_per_node: int = 0, protocols: Sequence[str] = ("iscsi", "nfs")
+) -> NodeService:
+    """Wire layer 3 for a real node: local commands, the kernel's mount table, os-brick for iSCSI."""
+    from csi_driver.node.commands import LocalRunner
+    from csi_driver.node.filesystems import Filesystems
+    from csi_driver.node.iscsi import IscsiVolumes, brick_connector_factory
+    from csi_driver.node.mounts import Mounter
+    from csi_driver.node.nfs import NfsVolumes
+
+    runner = LocalRunner()
+    mounter = Mounter(runner)
+    filesystems = Filesystems(runner, mounter)
+    served: dict[str, VolumeProtocol] = {}
+    if "iscsi" in protocols:
+        lock_dir = os.path.join(state_dir, "locks")
+        served["iscsi"] = IscsiVolumes(runner, mounter, filesystems, brick_connector_factory(lock_dir))
+    if "nfs" in protocols:
+        served["nfs"] = NfsVolumes(mounter)
+    return NodeService(node_id, NodeVolumes(state_dir, served, mounter, filesystems), max_volumes_per_node)
