@@ -300,13 +300,15 @@ class IscsiVolumes:
 
     def unstage(self, record: StageRecord) -> None:
         device = self.current_device(record)
-        if record.access_type == MOUNT:
-            # The staging dir itself belongs to the CO (it created it), so it stays.
-            self.mounter.unmount(record.staging_path)
         if device is not None:
-            users = self.mounter.table.users_of_device(device)
+            # Checked before touching the staging mount: a publish target left behind keeps the device open.
+            staging = os.path.normpath(record.staging_path)
+            users = [u for u in self.mounter.table.users_of_device(device) if u != staging]
             if users:
                 raise StillInUse(f"device {device} of volume {record.volume_id} is still mounted at {', '.join(users)}")
+        if record.access_type == MOUNT:
+            # The staging dir itself belongs to the CO (it created it), so it stays.
+            self.mounter.unmount_all(record.staging_path)
         self.detach(record, device)
 
     def detach(self, record: StageRecord, device: str | None) -> None:

@@ -287,3 +287,13 @@ def test_second_call_while_one_is_in_flight_is_aborted(node, context):
     with node.volumes.locks.hold(VOL, "NodeStageVolume"):
         code, details = code_of(node.service.NodePublishVolume, publish_request(node), context)
     assert code == grpc.StatusCode.ABORTED and "NodeStageVolume is still in progress" in details
+
+
+def test_unstage_of_mount_volume_still_published_keeps_staging_mount(node, context):
+    node.service.NodeStageVolume(stage_request(node), context)
+    node.service.NodePublishVolume(publish_request(node), context)
+    staging = os.path.join(node.root, "staging")
+    request = csi_pb2.NodeUnstageVolumeRequest(volume_id=VOL, staging_target_path=staging)
+    code, _ = code_of(node.service.NodeUnstageVolume, request, context)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert node.system.table.is_mountpoint(staging) and node.system.commands("umount") == []
