@@ -36,6 +36,7 @@ PACKAGES = [
 # Modules the initramfs loads to reach /dev/vda (ext4 is built into the cloud kernel).
 INITRD_MODULES = ["virtio_pci", "virtio_blk", "virtio_net"]
 ROOT_SIZE = "3G"
+DEFAULT_CA = "/etc/ssl/certs/ca-certificates.crt"
 IMAGE_FILES = ("root.raw", "vmlinuz", "initrd.img", "id_ed25519", "id_ed25519.pub", "manifest.json")
 # Services a fresh Debian enables that a lab guest does not want at boot (slow boots, surprise I/O).
 MASK = [
@@ -143,7 +144,9 @@ def ensure_image(force: bool = False) -> Path:
             os.chmod(tmp, 0o755)
             os.rename(tmp, final)  # atomic: the image appears complete or not at all
         finally:
+            unmount_under(tmp)  # never rmtree through a mount mmdebstrap failed to undo
             shutil.rmtree(tmp, ignore_errors=True)
+            Path(lock.name).unlink(missing_ok=True)
     return final
 
 
@@ -173,8 +176,8 @@ def build(inputs: Inputs, out: Path) -> None:
             raise BuildError(f"{tool} not found: run lab/ci-setup.sh (apt-get install mmdebstrap ...)")
     sanity = csi_sanity_binary()
     debs = config.CACHE / "debs"
-    pipcache = config.CACHE / "pip"
-    for d in (debs, pipcache):
+    wheels = config.CACHE / "wheels"
+    for d in (debs, wheels):
         d.mkdir(parents=True, exist_ok=True)
     kpkg, kver_deb = inputs.kernel
     kernel_deb = fetch_kernel(kpkg, kver_deb, debs)
@@ -188,7 +191,7 @@ def build(inputs: Inputs, out: Path) -> None:
         "PYTHONPATH": str(config.REPO),
         "BERTH_LAB_KERNEL_DEB": str(kernel_deb),
         "BERTH_LAB_OUT": str(out),
-        "BERTH_LAB_PIPCACHE": str(pipcache),
+        "BERTH_LAB_WHEELS": str(wheels),
         "BERTH_LAB_SANITY": str(sanity),
     }
     hook = f'{sys.executable} -m lab.image customize "$1"'
@@ -218,6 +221,8 @@ def build(inputs: Inputs, out: Path) -> None:
     )
     t1 = time.monotonic()
 
+    # mmdebstrap sometimes reports "umount /proc failed" only as a warning; mkfs -d must not copy /proc.
+    unmount_under(rootfs)
     kver = kpkg.removeprefix("linux-image-")
     shutil.copy(rootfs / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
     (out / "initrd.img").write_bytes(make_initrd(rootfs, kver))
@@ -250,6 +255,14 @@ def build(inputs: Inputs, out: Path) -> None:
     log(f"image built in {time.monotonic() - t0:.0f} s")
 
 
+def unmount_under(path: Path) -> None:
+    """Lazily unmount every mount point below `path` (deepest first)."""
+    prefix = str(path.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], check=False)
+
+
 def mirrors() -> list[str]:
     # Same mirrors as the host when it has deb822 sources (so the kernel apt-cache saw is downloadable).
     host = Path("/etc/apt/sources.list.d/debian.sources")
@@ -274,9 +287,9 @@ def fetch_kernel(pkg: str, version: str, debs: Path) -> Path:
     return debs / name
 
 
-def chroot(root: Path, *cmd: str, **kw) -> subprocess.CompletedProcess:
+def chroot(root: Path, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the host's PATH may lack sbin
-    return run(["chroot", str(root), "/usr/bin/env", path, *cmd], **kw)
+    return subprocess.run(["chroot", str(root), "/usr/bin/env", path, *cmd], check=check, **kw)
 
 
 def customize(root: Path) -> None:
@@ -334,9 +347,10 @@ def customize(root: Path) -> None:
     log("python venv with Berth's runtime dependencies")
     venv = config.GUEST_VENV
     chroot(root, "python3", "-m", "venv", "--system-site-packages", venv)
-    cache_in = root / "root/.cache/pip"
-    cache_in.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(env["BERTH_LAB_PIPCACHE"], cache_in, dirs_exist_ok=True)
+    # A wheelhouse shared between builds (pip's own http cache does not help behind some proxies):
+    # install offline from it if it has everything, else download what is missing first.
+    wheels = root / "tmp/wheels"
+    shutil.copytree(env["BERTH_LAB_WHEELS"], wheels, dirs_exist_ok=True)
     shutil.copy(out / "requirements.txt", root / "tmp/requirements.txt")
     # pip in the chroot gets the host's proxy settings and CA bundle (a TLS-intercepting proxy needs its CA),
     # but not host paths that do not exist in the chroot.
@@ -349,12 +363,7 @@ def customize(root: Path) -> None:
     cert = next(
         (
             c
-            for c in (
-                env.get("PIP_CERT"),
-                env.get("SSL_CERT_FILE"),
-                env.get("REQUESTS_CA_BUNDLE"),
-                "/etc/ssl/certs/ca-certificates.crt",
-            )
+            for c in (env.get("PIP_CERT"), env.get("SSL_CERT_FILE"), env.get("REQUESTS_CA_BUNDLE"), DEFAULT_CA)
             if c and Path(c).is_file()
         ),
         None,
@@ -362,27 +371,24 @@ def customize(root: Path) -> None:
     if cert:
         shutil.copy(cert, root / "tmp/host-ca.crt")
         pip_env.update({k: "/tmp/host-ca.crt" for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")})
-    chroot(
-        root,
-        "env",
-        "-i",
-        "HOME=/root",
-        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-        *[f"{k}={v}" for k, v in pip_env.items()],
-        f"{venv}/bin/pip",
+    pip = ["env", "-i", "HOME=/root", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *[f"{k}={v}" for k, v in pip_env.items()]]
+    pip += [f"{venv}/bin/pip", "-q", "--disable-pip-version-check", "--no-cache-dir"]
+    offline = [
+        *pip,
         "install",
-        "-q",
-        "--disable-pip-version-check",
         "--no-compile",
-        "--cache-dir",
-        "/root/.cache/pip",
+        "--no-index",
+        "--find-links",
+        "/tmp/wheels",
         "-r",
         "/tmp/requirements.txt",
-    )
-    (root / "tmp/host-ca.crt").unlink(missing_ok=True)
-    shutil.copytree(cache_in, env["BERTH_LAB_PIPCACHE"], dirs_exist_ok=True)
-    shutil.rmtree(root / "root/.cache")
-    (root / "tmp/requirements.txt").unlink()
+    ]
+    if chroot(root, *offline, check=False, stderr=subprocess.DEVNULL).returncode != 0:
+        chroot(root, *pip, "wheel", "--wheel-dir", "/tmp/wheels", "-r", "/tmp/requirements.txt")
+        chroot(root, *offline)
+    shutil.copytree(wheels, env["BERTH_LAB_WHEELS"], dirs_exist_ok=True)
+    for p in (wheels, root / "tmp/requirements.txt", root / "tmp/host-ca.crt"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     # Berth itself is not installed: `lab up`/`lab sync` copy the working tree to /opt/berth/src.
     site = next((root / venv.lstrip("/") / "lib").glob("python3*/site-packages"))
     (site / "berth-src.pth").write_text(config.GUEST_SRC + "\n")
