@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="unix:///csi/csi.sock",
         help="unix:///path/to.sock or tcp://host:port (default: %(default)s)",
     )
-    parser.add_argument("--node-id", help="this node's ID (default: the host name); node mode only")
+    parser.add_argument(
+        "--node-id",
+        help="this node's ID (default: '<initiator IQN>|<global addresses>', else the host name); node mode only",
+    )
     parser.add_argument("--config", metavar="FILE", help="YAML config file describing storage backends")
     parser.add_argument("--driver-name", help="CSI driver name (default: from config, else berth.csi.io)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
+    from csi_driver.assembly import backend_readiness_check, build_backends
     from csi_driver.csi import csi_pb2_grpc
     from csi_driver.node.prerequisites import node_readiness_check
     from csi_driver.services.identity import IdentityService
@@ -68,13 +72,27 @@ def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
     controller = args.mode in ("controller", "all")
     node = args.mode in ("node", "all")
     checks = []
+    registrations = []
+    if controller:
+        from csi_driver.services.controller import ControllerService
+
+        backends = build_backends(config)
+        controller_service = ControllerService(backends, config.default_backend, config.node.max_volumes_per_node)
+        registrations.append(lambda server: csi_pb2_grpc.add_ControllerServicer_to_server(controller_service, server))
+        checks.append(backend_readiness_check(backends))
     if node:
+        from csi_driver.node.identity import default_node_id
+        from csi_driver.services.node import make_node_service
+
+        args.node_id = args.node_id or default_node_id(fallback=socket.gethostname())
+        node_service = make_node_service(
+            args.node_id, config.node.state_dir, config.node.max_volumes_per_node, config.node.protocols
+        )
+        registrations.append(lambda server: csi_pb2_grpc.add_NodeServicer_to_server(node_service, server))
         checks.append(node_readiness_check(config.node.protocols, config.node.state_dir))
     identity = IdentityService(driver_name, controller=controller, checks=checks)
-    registrations = [lambda server: csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)]
-    options = ServerOptions(
-        workers=args.workers, socket_mode=args.socket_mode, grace_seconds=args.grace_period
-    )
+    registrations.append(lambda server: csi_pb2_grpc.add_IdentityServicer_to_server(identity, server))
+    options = ServerOptions(workers=args.workers, socket_mode=args.socket_mode, grace_seconds=args.grace_period)
     return CsiServer(parse_endpoint(args.endpoint), registrations, options)
 
 
@@ -88,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         server = build_server(args, config)
     except (ConfigError, EndpointError) as err:
         return _fail(str(err))
-    node_id = args.node_id or socket.gethostname()
+    node_id = args.node_id or "-"
     driver_name = args.driver_name or config.driver_name
     log.info(
         "starting berth",
