@@ -41,7 +41,8 @@ def build_exporter(backend: BackendConfig, runner: CommandRunner) -> Exporter:
     from csi_driver.storage.nfs import NfsExporter
 
     assert backend.nfs is not None
-    return NfsExporter(runner, backend.nfs)
+    nfs = backend.nfs
+    return NfsExporter(runner, nfs.server, nfs.export_root, nfs.filesystem, nfs.export_options)
 
 
 def build_backends(config: Config) -> dict[str, LvmBackend]:

@@ -1,0 +1,1 @@
+"""csi-sanity runs against Berth inside the storage lab."""

@@ -1,0 +1,102 @@
+"""Start Berth in a lab node and run csi-sanity against it there.
+
+csi-sanity runs inside the node guest because NodeStage/NodePublish act on that guest's kernel (iSCSI login,
+mounts); Berth runs there in `--mode all`, its controller reaching the storage guest over SSH.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from dataclasses import dataclass
+
+from lab import config as lab_config
+from lab.topology import Lab
+
+SRC = lab_config.GUEST_SRC
+PYTHON = f"{lab_config.GUEST_VENV}/bin/python"
+SOCKET = "/run/berth/csi.sock"
+MiB = 1 << 20
+
+# Volume size: a multiple of the 4 MiB extent, so "exact capacity" specs hold; small so 100+ volumes are cheap.
+COMMON_FLAGS = [
+    f"--csi.endpoint=unix://{SOCKET}",
+    f"--csi.testvolumesize={64 * MiB}",
+    "--csi.testnodevolumeattachlimit",
+    "--ginkgo.no-color",
+    "--ginkgo.v",
+    "--ginkgo.timeout=40m",
+]
+PROFILES = {
+    "iscsi-mount": ["--csi.testvolumeaccesstype=mount", f"--csi.testvolumeparameters={SRC}/sanity/iscsi.yaml"],
+    "iscsi-block": ["--csi.testvolumeaccesstype=block", f"--csi.testvolumeparameters={SRC}/sanity/iscsi.yaml"],
+    "nfs": ["--csi.testvolumeaccesstype=mount", f"--csi.testvolumeparameters={SRC}/sanity/nfs.yaml"],
+}
+SUMMARY = re.compile(r"(SUCCESS|FAIL)! -- (\d+) Passed \| (\d+) Failed \| (\d+) Pending \| (\d+) Skipped")
+
+
+@dataclass
+class SanityResult:
+    profile: str
+    passed: int
+    failed: int
+    pending: int
+    skipped: int
+    seconds: float
+    output: str
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"{self.profile}: {self.passed} Passed | {self.failed} Failed | {self.pending} Pending | "
+            f"{self.skipped} Skipped in {self.seconds:.0f}s"
+        )
+
+    def skipped_specs(self) -> list[str]:
+        return re.findall(r"\[SKIPPED\].*?\n(.+)", self.output)
+
+
+def start_berth(lab: Lab, node: str, mode: str = "all", extra: str = "") -> None:
+    """(Re)start Berth as a transient systemd unit on `node`; its log is `journalctl -u berth`."""
+    lab.run(node, "systemctl stop berth.service 2>/dev/null; systemctl reset-failed berth.service 2>/dev/null; true")
+    lab.run(node, "systemctl unmask multipathd.service multipathd.socket 2>/dev/null; systemctl start multipathd")
+    lab.run(node, f"mkdir -p /etc/berth /var/lib/berth && cp {SRC}/sanity/berth-lab.yaml /etc/berth/config.yaml")
+    argv = [
+        PYTHON, "-m", "csi_driver", "--mode", mode, "--endpoint", f"unix://{SOCKET}",
+        "--config", "/etc/berth/config.yaml", "--log-format", "json", "--log-level", "debug", *shlex.split(extra),
+    ]  # fmt: skip
+    lab.run(node, f"rm -f {SOCKET}; systemd-run --unit=berth --property=KillSignal=SIGTERM {shlex.join(argv)}")
+    deadline = time.monotonic() + 60
+    while lab.run(node, f"test -S {SOCKET}", check=False).rc != 0:
+        if time.monotonic() > deadline:
+            log = lab.run(node, "journalctl -u berth --no-pager | tail -50", check=False).stdout
+            raise RuntimeError(f"berth did not open {SOCKET} on {node} within 60s:\n{log}")
+        time.sleep(0.5)
+
+
+def stop_berth(lab: Lab, node: str) -> None:
+    lab.run(node, "systemctl stop berth.service 2>/dev/null; true", check=False)
+
+
+def run_sanity(lab: Lab, profile: str, node: str = "node1", focus: str = "", timeout: float = 2700) -> SanityResult:
+    flags = [*COMMON_FLAGS, *PROFILES[profile]]
+    if focus:
+        flags.append(f"--ginkgo.focus={focus}")
+    start_berth(lab, node)
+    started = time.monotonic()
+    try:
+        # Leftovers of an interrupted run make sanity's mkdir fail.
+        lab.run(node, "rmdir /tmp/csi-mount /tmp/csi-staging 2>/dev/null; true", check=False)
+        result = lab.run(node, shlex.join(["csi-sanity", *flags]) + " 2>&1", timeout=timeout, check=False)
+    finally:
+        stop_berth(lab, node)
+    output = result.stdout
+    match = SUMMARY.search(output)
+    if match is None:
+        tail = "\n".join(output.splitlines()[-40:])
+        raise RuntimeError(f"csi-sanity ({profile}) printed no summary (rc {result.rc}):\n{tail}")
+    _, passed, failed, pending, skipped = match.groups()
+    return SanityResult(
+        profile, int(passed), int(failed), int(pending), int(skipped), time.monotonic() - started, output
+    )
