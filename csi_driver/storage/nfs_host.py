@@ -49,7 +49,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}$")
 _ROOT_RE = re.compile(r"^(/[A-Za-z0-9_.+-]+)+$")
 # Export options: a conservative charset. No whitespace, '(', ')', '#', quotes (they would break the exports
 # file) and no '/' (no refer=/replicas=/mountpoint= paths).
-_OPTIONS_RE = re.compile(r"^[A-Za-z0-9_=:.,-]{1,512}$")
+_OPTIONS_RE = re.compile(r"^[A-Za-z0-9_=:.,-]{1,512}$")  # "-" alone: no options besides rw/ro
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9.:|,_@+-]{1,256}$")
 _TOKEN_RE = re.compile(r"^[0-9a-f]{8,32}$")
 # Paths an export root must never be under (or be): system trees.
@@ -168,6 +168,8 @@ def check_options(value: Any) -> str:
     tokens = [t for t in value.split(",") if t]
     if not tokens:
         raise RequestError("export options are empty")
+    if tokens == ["-"]:
+        return ""  # how the exports file writes "nothing besides rw/ro"
     kept: list[str] = []
     for token in tokens:
         name = token.split("=", 1)[0]
@@ -348,7 +350,7 @@ def render_exports(lv: str, path: str, record: ExportsRecord) -> str | None:
         return None
     lines = [
         f"# Berth NFS export of {lv}: written by berth nfs_host under a lock; manual edits are overwritten.",
-        f"# options {record.options}",
+        f"# options {record.options or '-'}",
     ]
     for node_id in sorted(record.nodes):
         readonly, addresses = record.nodes[node_id]
