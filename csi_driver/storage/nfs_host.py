@@ -325,7 +325,7 @@ def fstab_without(text: str, mountpoint: str) -> str:
 class ExportsRecord:
     """What /etc/exports.d/berth-<lv>.exports holds: the publications (node → mode, addresses) and options."""
 
-    options: str = DEFAULT_OPTIONS
+    options: str = field(default_factory=lambda: check_options(None))  # normalised: no rw/ro
     nodes: dict[str, tuple[bool, list[str]]] = field(default_factory=dict)  # node ID → (readonly, addresses)
 
     def clients(self) -> dict[str, bool]:
