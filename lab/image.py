@@ -41,7 +41,10 @@ IMAGE_FILES = ("root.raw", "vmlinuz", "initrd.img", "id_ed25519", "id_ed25519.pu
 # Services a fresh Debian enables that a lab guest does not want at boot (slow boots, surprise I/O).
 MASK = [
     "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "e2scrub_reap.service",
-    "fstrim.timer", "systemd-networkd-wait-online.service",
+    "fstrim.timer", "systemd-networkd-wait-online.service", "systemd-networkd.service",
+    "systemd-networkd.socket", "systemd-logind.service", "getty@tty1.service", "nfs-blkmap.service",
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "modprobe@drm.service",
+    "modprobe@efi_pstore.service", "sys-kernel-tracing.mount", "sys-kernel-debug.mount", "dev-hugepages.mount",
 ]  # fmt: skip
 DISABLE = [
     "nfs-server.service", "multipathd.service", "multipathd.socket", "rtslib-fb-targetctl.service",
@@ -331,7 +334,7 @@ def customize(root: Path) -> None:
     (root / "etc/fstab").write_text("# root is mounted by the lab initramfs\n")
     (root / "etc/systemd/journald.conf.d").mkdir(exist_ok=True)
     (root / "etc/systemd/journald.conf.d/berth.conf").write_text("[Journal]\nStorage=volatile\n")
-    chroot(root, "systemctl", "enable", "-q", "systemd-networkd.service", "berth-lab-role.service")
+    chroot(root, "systemctl", "enable", "-q", "berth-lab-role.service")
     chroot(root, "systemctl", "mask", "-q", *MASK)
     chroot(root, "systemctl", "disable", "-q", *DISABLE)
 
