@@ -114,7 +114,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     @rpc
     def ControllerGetCapabilities(self, request, context):
         return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[csi_pb2.ControllerServiceCapability(rpc=_Rpc.RPC(type=cap)) for cap in CAPABILITIES]
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=_Rpc(type=cap)) for cap in CAPABILITIES]
         )
 
     # --- volumes ---

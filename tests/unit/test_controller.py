@@ -282,3 +282,12 @@ def test_second_operation_on_same_volume_is_aborted():
             pass
     with locks.hold("blk/vol-1"):
         pass
+
+
+def test_capabilities_cover_what_is_implemented(controller):
+    caps = controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
+    types = {c.rpc.type for c in caps}
+    Rpc = csi_pb2.ControllerServiceCapability.RPC
+    assert {Rpc.CREATE_DELETE_VOLUME, Rpc.PUBLISH_UNPUBLISH_VOLUME, Rpc.CREATE_DELETE_SNAPSHOT, Rpc.CLONE_VOLUME,
+            Rpc.EXPAND_VOLUME, Rpc.LIST_VOLUMES, Rpc.GET_CAPACITY, Rpc.GET_SNAPSHOT} <= types  # fmt: skip
+    assert Rpc.MODIFY_VOLUME not in types, "ModifyVolume is not implemented"
