@@ -184,3 +184,17 @@ def test_berth_console_script_runs():
     berth = os.path.join(os.path.dirname(sys.executable), "berth")
     result = subprocess.run([berth, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "--endpoint" in result.stdout
+
+
+def test_csicall_round_trip_and_error(tmp_path, capsys):
+    from csi_driver import csicall
+
+    server = start(f"unix://{tmp_path}/csi.sock", checks=[lambda: "pool missing"])
+    try:
+        assert csicall.call(f"unix://{tmp_path}/csi.sock", "Identity.GetPluginInfo", {})["name"] == "berth.test"
+        assert csicall.main(["--endpoint", f"unix://{tmp_path}/csi.sock", "Identity.Probe"]) == 1
+        printed = json.loads(capsys.readouterr().out)
+        assert printed == {"code": "FAILED_PRECONDITION", "details": "not ready: pool missing"}
+        assert csicall.main(["--endpoint", f"unix://{tmp_path}/csi.sock", "Identity.Nope"]) == 2
+    finally:
+        server.stop(0)
