@@ -71,7 +71,7 @@ def split_volume_id(volume_id: str) -> tuple[str, str]:
     """`<backend>/<lv>` → (backend, lv); raises InvalidId for anything else (sanity's `fake-vol-id`)."""
     backend, sep, lv = volume_id.partition(VOLUME_ID_SEPARATOR)
     if not sep:
-        raise InvalidId(f"volume ID {volume_id!r} is not '<backend>/<lv>'")
+        raise InvalidId(f"ID {volume_id!r} is not '<backend>/<lv>'")
     _check_part("backend", backend)
     _check_part("LV name", lv)
     return backend, lv

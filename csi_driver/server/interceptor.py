@@ -66,9 +66,16 @@ def _logged(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str, c
                     "method": method,
                     "code": code.name,
                     "duration_ms": duration_ms,
-                    "details": context.details() or "",
+                    "details": _text(context.details()),
                 },
             )
             request_id.reset(token)
 
     return wrapper
+
+
+def _text(details: str | bytes | None) -> str:
+    # grpc hands back whatever was set, and aborts store it as bytes.
+    if isinstance(details, bytes):
+        return details.decode("utf-8", "replace")
+    return details or ""

@@ -176,6 +176,7 @@ def test_interceptor_logs_method_code_duration_and_request_id(tmp_path):
     assert info["code"] == "OK" and info["request_id"] == "req-42" and info["duration_ms"] >= 0
     probe = next(r for r in rpcs if r["method"].endswith("Probe"))
     assert probe["code"] == "INTERNAL" and probe["level"] == "warning"
+    assert probe["details"].startswith("internal error in /csi.v1.Identity/Probe"), "details are text, not bytes"
     bug = next(r for r in records if r["msg"] == "unhandled error")
     assert "ValueError" in bug["exception"] and bug["request_id"] == probe["request_id"] != "-"
 
