@@ -22,6 +22,8 @@ else
   fi
 fi
 
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+# PYTHON: any python3 >= 3.11 (the lab uses only the standard library); CSI_SANITY: a prebuilt binary to
+# put in the image instead of building it with Go.
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 exec "$PY" -m lab build

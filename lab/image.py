@@ -154,7 +154,7 @@ def ensure_image(force: bool = False) -> Path:
 
 
 def csi_sanity_binary() -> Path:
-    """csi-sanity built with `go install`, cached per version (it takes ~40 s to build)."""
+    """csi-sanity built with `go install` (or taken from $CSI_SANITY), cached per version (~40 s to build)."""
     out = config.CACHE / "tools" / f"csi-sanity-{config.CSI_SANITY_VERSION}"
     if out.exists():
         return out
@@ -162,6 +162,11 @@ def csi_sanity_binary() -> Path:
     if not go:
         raise BuildError("csi-sanity needs Go to build (https://go.dev/dl, or set PATH to include go)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    given = os.environ.get("CSI_SANITY")  # scripts/setup builds csi-sanity too: reuse its binary
+    if given and Path(given).is_file():
+        shutil.copy(given, out.with_suffix(".tmp"))
+        os.rename(out.with_suffix(".tmp"), out)
+        return out
     with tempfile.TemporaryDirectory(dir=out.parent) as gobin:
         log(f"building csi-sanity {config.CSI_SANITY_VERSION}")
         run(

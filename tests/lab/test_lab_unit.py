@@ -1,4 +1,4 @@
-"""Fast checks of the lab's own machinery (no qemu needed, not marked `lab`)."""
+"""Fast checks of the lab's own machinery (no qemu needed; marked `lab` so they run in the lab CI step)."""
 
 import gzip
 import io
@@ -11,6 +11,8 @@ import pytest
 from lab import config, image
 from lab.guest import GuestSpec, listening_ports
 from lab.topology import tree_tarball
+
+pytestmark = pytest.mark.lab
 
 
 def test_guest_requirements_follow_pyproject(tmp_path):
