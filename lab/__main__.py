@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build the guest image (or reuse the cached one)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     sub.add_parser("image", help="print the cache directory of the current image inputs")
+    sub.add_parser("prune", help="remove cached images that are neither current nor used by a lab")
     u = sub.add_parser("up", help="start storage + nodes, wait until all are ready")
     u.add_argument("--nodes", type=int, default=2)
     u.add_argument("--keep", action="store_true", help="keep guest disks from the previous run (no fresh overlay)")
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             print(image.ensure_image(force=a.force))
         elif a.cmd == "image":
             print(image.image_dir())
+        elif a.cmd == "prune":
+            # Images still used by a lab (any run directory's state.json) are kept.
+            used = {
+                Path(json.loads(p.read_text())["image"]).resolve() for p in config.RUN_DIR.parent.glob("**/state.json")
+            }
+            for d in image.prune(used):
+                print(f"removed {d}")
         elif a.cmd == "up":
             lab = Lab(a.run_dir, nodes=a.nodes, keep=a.keep)
             timings = lab.up(sync=not a.no_sync)

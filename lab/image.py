@@ -153,6 +153,17 @@ def ensure_image(force: bool = False) -> Path:
     return final
 
 
+def prune(keep: set[Path]) -> list[Path]:
+    """Remove cached images other than the current one and those in `keep` (used by a running lab)."""
+    current = image_dir()
+    removed = []
+    for d in config.CACHE.iterdir() if config.CACHE.is_dir() else []:
+        if re.fullmatch(r"[0-9a-f]{16}", d.name) and d != current and d.resolve() not in keep:
+            shutil.rmtree(d)
+            removed.append(d)
+    return removed
+
+
 def csi_sanity_binary() -> Path:
     """csi-sanity built with `go install` (or taken from $CSI_SANITY), cached per version (~40 s to build)."""
     out = config.CACHE / "tools" / f"csi-sanity-{config.CSI_SANITY_VERSION}"
