@@ -82,7 +82,8 @@ class Guest:
         data_macs = [mac(s.octet, k + 1) for k in range(len(config.SUBNETS))]
         append = " ".join([
             "console=ttyS0", "root=/dev/vda", "rw", "quiet", "mitigations=off", "net.ifnames=0",
-            "systemd.show_status=error",  # failed units still reach console.log "tsc=reliable", f"berth.name={s.name}", f"berth.role={s.role}",
+            # Only failed units reach console.log (a failure before ssh is visible there).
+            "systemd.show_status=error", "tsc=reliable", f"berth.name={s.name}", f"berth.role={s.role}",
             f"berth.mid={s.machine_id}", f"berth.hosts={self.hosts}",
             "berth.ips=" + ",".join(f"{net}.{s.octet}/24" for net in config.SUBNETS),
             "berth.macs=" + ",".join([mac(s.octet, 0), *data_macs]),
