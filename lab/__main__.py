@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             print(image.image_dir())
         elif a.cmd == "prune":
             # Images still used by a lab (any run directory's state.json) are kept.
-            used = {
-                Path(json.loads(p.read_text())["image"]).resolve() for p in config.RUN_DIR.parent.glob("**/state.json")
-            }
+            states = [config.RUN_DIR / "state.json", *(config.LAB_DIR / "run").glob("*/state.json")]
+            used = {Path(json.loads(p.read_text())["image"]).resolve() for p in states if p.exists()}
             for d in image.prune(used):
                 print(f"removed {d}")
         elif a.cmd == "up":
