@@ -120,7 +120,7 @@ def is_complete(d: Path) -> bool:
 
 
 def latest_image() -> Path | None:
-    """Newest complete image in the cache, for when apt-cache cannot be asked (e.g. a lab already built)."""
+    """Newest complete image in the cache, for when apt-cache cannot be asked."""
     if not config.CACHE.is_dir():
         return None
     done = [d for d in config.CACHE.iterdir() if d.is_dir() and not d.name.startswith(".") and is_complete(d)]
@@ -129,7 +129,15 @@ def latest_image() -> Path | None:
 
 def ensure_image(force: bool = False) -> Path:
     """Return the cached image directory for the current inputs, building it first if needed."""
-    inputs = current_inputs()
+    try:
+        inputs = current_inputs()
+    except BuildError as e:
+        # No apt lists to resolve the kernel (offline host): a complete cached image is better than nothing.
+        fallback = None if force else latest_image()
+        if fallback is None:
+            raise
+        log(f"{e}; using the newest cached image {fallback}")
+        return fallback
     final = image_dir(inputs)
     if is_complete(final) and not force:
         return final
@@ -149,7 +157,6 @@ def ensure_image(force: bool = False) -> Path:
         finally:
             unmount_under(tmp)  # never rmtree through a mount mmdebstrap failed to undo
             shutil.rmtree(tmp, ignore_errors=True)
-            Path(lock.name).unlink(missing_ok=True)
     return final
 
 
