@@ -22,6 +22,8 @@ log = logging.getLogger("berth.storage")
 
 KIND_VOLUME = "volume"
 KIND_SNAPSHOT = "snapshot"
+# Which backend made the LV: backends may share one thin pool (e.g. an iSCSI and an NFS backend on one host).
+KEY_BACKEND = "backend"
 # Metadata key prefix of a publication: pub.<node id> = "ro" | "rw".
 PUBLISHED_PREFIX = "pub."
 
@@ -84,9 +86,7 @@ class Exporter(Protocol):
         """Make a new (or half-created) volume exportable, e.g. create its filesystem when `fresh`."""
         ...
 
-    def publish(
-        self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]
-    ) -> dict[str, str]:
+    def publish(self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]) -> dict[str, str]:
         """Let `node` reach the volume; returns publish_context. Idempotent."""
         ...
 
@@ -134,6 +134,7 @@ class LvmBackend:
         meta = {
             meta_keys.KEY_NAME: name,
             meta_keys.KEY_KIND: KIND_VOLUME,
+            KEY_BACKEND: self.name,
             **meta_keys.params_to_meta(parameters),
         }
         if source is not None:
@@ -168,7 +169,7 @@ class LvmBackend:
     def _source_lv(self, source: ContentSource) -> str:
         info = self.pool.find(source.lv)
         expected_kind = KIND_SNAPSHOT if source.kind == "snapshot" else KIND_VOLUME
-        if info is None or info.meta.get(meta_keys.KEY_KIND) != expected_kind:
+        if not self._owned(info, expected_kind):
             raise NotFound(f"source {source.kind} {self.name}/{source.lv} not found")
         return source.lv
 
@@ -179,9 +180,7 @@ class LvmBackend:
         if existing.meta.get(meta_keys.KEY_NAME) != name:
             raise AlreadyExists(f"LV {existing.name} belongs to another volume (name hash collision)")
         differences = sorted(
-            k
-            for k in set(meta) | set(existing.meta)
-            if _comparable(k) and meta.get(k) != existing.meta.get(k)
+            k for k in set(meta) | set(existing.meta) if _comparable(k) and meta.get(k) != existing.meta.get(k)
         )
         if differences:
             raise AlreadyExists(
@@ -195,20 +194,20 @@ class LvmBackend:
 
     def get_volume(self, lv: str) -> Volume:
         info = self.pool.find(lv)
-        if info is None or info.meta.get(meta_keys.KEY_KIND) != KIND_VOLUME:
+        if not self._owned(info, KIND_VOLUME):
             raise NotFound(f"volume {self.name}/{lv} not found")
         return self._volume(info)
 
     def list_volumes(self) -> list[Volume]:
-        return [self._volume(i) for i in self.pool.list({meta_keys.KEY_KIND: KIND_VOLUME})]
+        return [self._volume(i) for i in self.pool.list({meta_keys.KEY_KIND: KIND_VOLUME, KEY_BACKEND: self.name})]
 
     def delete_volume(self, lv: str) -> None:
         """Remove the volume; a missing one is fine. Thin snapshots of it stay valid (they share no LV)."""
         info = self.pool.find(lv)
-        if info is None:
+        if not self._owned(info, KIND_VOLUME):
             return
-        if info.meta.get(meta_keys.KEY_KIND) != KIND_VOLUME:
-            raise NotFound(f"{self.name}/{lv} is not a volume")
+        if not self._owned(info, KIND_VOLUME):
+            return
         published = _published(info)
         if published:
             raise InUse(f"volume {self.name}/{lv} is still published to {', '.join(sorted(published))}")
@@ -220,9 +219,7 @@ class LvmBackend:
         volume = self.get_volume(lv)
         size = self.pool.round_size(required_bytes)
         if limit_bytes and size > limit_bytes:
-            raise InvalidRequest(
-                f"capacity {required_bytes} rounds up to {size}, above the limit {limit_bytes}"
-            )
+            raise InvalidRequest(f"capacity {required_bytes} rounds up to {size}, above the limit {limit_bytes}")
         if size <= volume.size_bytes:
             return volume.size_bytes, self.exporter.protocol == "iscsi"
         self.pool.resize(lv, size)
@@ -261,7 +258,7 @@ class LvmBackend:
 
     def _ready_volume(self, lv: str) -> LvInfo:
         info = self.pool.find(lv)
-        if info is None or info.meta.get(meta_keys.KEY_KIND) != KIND_VOLUME:
+        if not self._owned(info, KIND_VOLUME):
             raise NotFound(f"volume {self.name}/{lv} not found")
         if info.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
             raise InUse(f"volume {self.name}/{lv} is still being created")
@@ -274,14 +271,12 @@ class LvmBackend:
         meta = {
             meta_keys.KEY_NAME: name,
             meta_keys.KEY_KIND: KIND_SNAPSHOT,
+            KEY_BACKEND: self.name,
             meta_keys.KEY_SOURCE: ContentSource("volume", source_lv).encode(),
         }
         existing = self.pool.find(lv)
         if existing is not None:
-            if (
-                existing.meta.get(meta_keys.KEY_NAME) != name
-                or existing.meta.get(meta_keys.KEY_SOURCE) != meta[meta_keys.KEY_SOURCE]
-            ):
+            if any(existing.meta.get(key) != value for key, value in meta.items()):
                 raise AlreadyExists(f"snapshot {name!r} already exists for another source volume")
             return self._snapshot(existing)
         source = self._ready_volume(source_lv)
@@ -291,19 +286,19 @@ class LvmBackend:
 
     def get_snapshot(self, lv: str) -> Snapshot:
         info = self.pool.find(lv)
-        if info is None or info.meta.get(meta_keys.KEY_KIND) != KIND_SNAPSHOT:
+        if not self._owned(info, KIND_SNAPSHOT):
             raise NotFound(f"snapshot {self.name}/{lv} not found")
         return self._snapshot(info)
 
     def list_snapshots(self) -> list[Snapshot]:
-        return [self._snapshot(i) for i in self.pool.list({meta_keys.KEY_KIND: KIND_SNAPSHOT})]
+        return [self._snapshot(i) for i in self.pool.list({meta_keys.KEY_KIND: KIND_SNAPSHOT, KEY_BACKEND: self.name})]
 
     def delete_snapshot(self, lv: str) -> None:
         info = self.pool.find(lv)
         if info is None:
             return
-        if info.meta.get(meta_keys.KEY_KIND) != KIND_SNAPSHOT:
-            raise NotFound(f"{self.name}/{lv} is not a snapshot")
+        if not self._owned(info, KIND_SNAPSHOT):
+            return
         self.pool.remove(lv)
 
     # --- capacity ---
@@ -315,6 +310,11 @@ class LvmBackend:
         # but never more than what is physically free times the ratio.
         by_ratio = int(capacity.size_bytes * self.over_provisioning_ratio) - promised
         return max(0, min(by_ratio, int(capacity.free_bytes * self.over_provisioning_ratio)))
+
+    def _owned(self, info: LvInfo | None, kind: str) -> bool:
+        return (
+            info is not None and info.meta.get(meta_keys.KEY_KIND) == kind and info.meta.get(KEY_BACKEND) == self.name
+        )
 
     # --- conversions ---
 

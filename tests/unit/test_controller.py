@@ -291,3 +291,17 @@ def test_capabilities_cover_what_is_implemented(controller):
     assert {Rpc.CREATE_DELETE_VOLUME, Rpc.PUBLISH_UNPUBLISH_VOLUME, Rpc.CREATE_DELETE_SNAPSHOT, Rpc.CLONE_VOLUME,
             Rpc.EXPAND_VOLUME, Rpc.LIST_VOLUMES, Rpc.GET_CAPACITY, Rpc.GET_SNAPSHOT} <= types  # fmt: skip
     assert Rpc.MODIFY_VOLUME not in types, "ModifyVolume is not implemented"
+
+
+def test_backends_sharing_one_pool_see_only_their_own_volumes(tmp_path):
+    shared = FakeThinPool()
+    blk = LvmBackend("blk", shared, FakeExporter("iscsi"))
+    files = LvmBackend("files", shared, FakeExporter("nfs"))
+    volume = blk.create_volume("pvc-1", GiB, 0, {}, None)
+    blk.create_snapshot("snap-1", volume.lv)
+    assert [v.lv for v in blk.list_volumes()] == [volume.lv] and files.list_volumes() == []
+    assert files.list_snapshots() == [] and len(blk.list_snapshots()) == 1
+    with pytest.raises(Exception, match="not found"):
+        files.get_volume(volume.lv)
+    files.delete_volume(volume.lv)  # another backend's ID: nothing of ours, nothing removed
+    assert blk.get_volume(volume.lv)
