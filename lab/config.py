@@ -10,8 +10,9 @@ REPO = Path(__file__).resolve().parent.parent
 LAB_DIR = REPO / "lab"
 FILES_DIR = LAB_DIR / "files"
 
-# Image cache (git-ignored); BERTH_LAB_CACHE moves it, e.g. to a CI cache volume.
-CACHE = Path(os.environ.get("BERTH_LAB_CACHE", LAB_DIR / "cache")).resolve()
+# Image cache, machine-wide so every clone (CI runs a fresh one) reuses the image its inputs hash to;
+# BERTH_LAB_CACHE moves it, e.g. to a CI cache volume.
+CACHE = Path(os.environ.get("BERTH_LAB_CACHE", "/var/cache/berth-lab")).resolve()
 # Run state of the CLI lab (git-ignored): state.json, overlays, console logs, monitor sockets.
 RUN_DIR = Path(os.environ.get("BERTH_LAB_RUN", LAB_DIR / "run")).resolve()
 
