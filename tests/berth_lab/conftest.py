@@ -1,0 +1,96 @@
+"""Berth running in the lab: controller + node on node1, node on node2, driven through csicall in the guests."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+import pytest
+
+from lab import config as lab_config
+from lab.topology import Lab
+from sanity.runner import SOCKET, start_berth, stop_berth
+
+PYTHON = f"{lab_config.GUEST_VENV}/bin/python"
+MiB = 1 << 20
+
+
+@dataclass
+class Answer:
+    ok: bool
+    body: dict
+
+    @property
+    def details(self) -> str:
+        return self.body.get("details", "")
+
+
+class Berth:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.node_ids: dict[str, str] = {}
+
+    def call(self, node: str, rpc: str, request: dict | None = None) -> Answer:
+        argv = [PYTHON, "-m", "csi_driver.csicall", "--endpoint", f"unix://{SOCKET}", rpc, json.dumps(request or {})]
+        result = self.lab.run(node, shlex.join(argv), timeout=600, check=False)
+        lines = result.stdout.strip().splitlines()
+        if result.rc not in (0, 1) or not lines:
+            raise AssertionError(f"csicall {rpc} on {node} broke (rc {result.rc}): {result.stdout} {result.stderr}")
+        return Answer(result.rc == 0, json.loads(lines[-1]))
+
+    def must(self, node: str, rpc: str, request: dict | None = None) -> dict:
+        answer = self.call(node, rpc, request)
+        assert answer.ok, f"{rpc} on {node}: {answer.body}"
+        return answer.body
+
+    def create(self, name: str, size: int, capability: dict, **parameters: str) -> dict:
+        request = {
+            "name": name,
+            "capacity_range": {"required_bytes": str(size)},
+            "volume_capabilities": [capability],
+            "parameters": {"backend": "lab-iscsi", **parameters},
+        }
+        return self.must("node1", "Controller.CreateVolume", request)["volume"]
+
+    def publish(self, volume: dict, node: str, capability: dict, secrets: dict | None = None) -> Answer:
+        return self.call("node1", "Controller.ControllerPublishVolume",
+                         {"volume_id": volume["volume_id"], "node_id": self.node_ids[node],
+                          "volume_capability": capability, "secrets": secrets or {}})  # fmt: skip
+
+    def stage(self, volume: dict, node: str, capability: dict, context: dict, secrets: dict | None = None) -> Answer:
+        return self.call(node, "Node.NodeStageVolume",
+                         {"volume_id": volume["volume_id"], "staging_target_path": staging_path(volume),
+                          "volume_capability": capability, "publish_context": context,
+                          "volume_context": volume.get("volume_context", {}), "secrets": secrets or {}})  # fmt: skip
+
+    def unstage(self, volume: dict, node: str) -> Answer:
+        return self.call(node, "Node.NodeUnstageVolume",
+                         {"volume_id": volume["volume_id"], "staging_target_path": staging_path(volume)})  # fmt: skip
+
+    def unpublish(self, volume: dict, node: str) -> Answer:
+        return self.call("node1", "Controller.ControllerUnpublishVolume",
+                         {"volume_id": volume["volume_id"], "node_id": self.node_ids[node]})  # fmt: skip
+
+    def delete(self, volume: dict) -> None:
+        self.must("node1", "Controller.DeleteVolume", {"volume_id": volume["volume_id"]})
+
+
+def staging_path(volume: dict) -> str:
+    return "/var/lib/berth-test/staging/" + volume["volume_id"].replace("/", "_")
+
+
+def block(mode: str = "SINGLE_NODE_WRITER") -> dict:
+    return {"block": {}, "access_mode": {"mode": mode}}
+
+
+@pytest.fixture(scope="module")
+def berth(lab: Lab):
+    start_berth(lab, "node1", mode="all")
+    start_berth(lab, "node2", mode="node")
+    lab.run_all("mkdir -p /var/lib/berth-test/staging", names=["node1", "node2"])
+    driver = Berth(lab)
+    driver.node_ids = {n: driver.must(n, "Node.NodeGetInfo")["node_id"] for n in ("node1", "node2")}
+    yield driver
+    stop_berth(lab, "node1")
+    stop_berth(lab, "node2")
