@@ -21,7 +21,7 @@ from typing import Any
 from . import lio_host
 from .errors import AlreadyExists, CommandFailed, InvalidRequest, NotFound, StorageError
 from .ids import check_initiator, check_lv_name, naa_wwn, target_iqn, volume_serial
-from .runner import CommandRunner
+from .runner import CommandRunner, last_json_object
 
 LIO_TIMEOUT = 90.0
 
@@ -136,7 +136,7 @@ class LioTargets:
         argv = [self.python, "-c", host_program()]
         payload = json.dumps(request).encode()
         result = self.runner.run(argv, input=payload, timeout=self.timeout, check=False)
-        response = _parse_response(result.text)
+        response = last_json_object(result.text)
         if response is None:
             # No JSON: the program never ran properly (python3 missing, syntax, crash).
             raise CommandFailed([self.python, "-c", "<lio_host>"], result.rc, result.stderr, result.stdout)
@@ -248,17 +248,3 @@ class LioTargets:
             device=res.get("device"),
             portals=tuple(res.get("portals", [])),
         )
-
-
-def _parse_response(stdout: str) -> dict[str, Any] | None:
-    # The JSON is the last non-empty line; anything before it is noise (e.g. a library warning).
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
-    return None

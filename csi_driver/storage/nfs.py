@@ -31,7 +31,7 @@ from .errors import (
 )
 from .ids import check_lv_name
 from .lvm import LvInfo
-from .runner import CommandRunner
+from .runner import CommandRunner, last_json_object
 
 log = logging.getLogger("berth.storage.nfs")
 
@@ -201,7 +201,7 @@ class NfsExporter:
         _check(nfs_host.validate_request, request)
         argv = [self.python, "-c", host_program()]
         result = self.runner.run(argv, input=json.dumps(request).encode(), timeout=timeout or self.timeout, check=False)
-        response = _parse_response(result.text)
+        response = last_json_object(result.text)
         if response is None:
             # No JSON: the program never ran properly (python3 missing, syntax error, killed).
             raise CommandFailed([self.python, "-c", "<nfs_host>"], result.rc, result.stderr, result.stdout)
@@ -230,17 +230,3 @@ def _error(op: str, err: Mapping[str, Any]) -> StorageError:
     if kind == "failed":
         return CommandFailed(list(err.get("argv") or [op]), int(err.get("rc", -1)), str(err.get("stderr", "")))
     return _KIND_TO_ERROR.get(kind, StorageError)(message)
-
-
-def _parse_response(stdout: str) -> dict[str, Any] | None:
-    # The JSON is the last non-empty line; anything before it is noise.
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
-    return None

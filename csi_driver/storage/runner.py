@@ -7,6 +7,7 @@ IQNs) can never be interpreted by a shell.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -15,7 +16,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import CommandFailed, CommandTimeout, HostUnreachable, InvalidRequest
 
@@ -289,3 +290,18 @@ class SshRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def last_json_object(stdout: str) -> dict[str, Any] | None:
+    """The JSON object a host program printed on its last non-empty line (earlier lines are noise, e.g. a
+    library warning); None when that line is not a JSON object, i.e. the program did not run properly."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+    return None
