@@ -6,6 +6,7 @@ mounts); Berth runs there in `--mode all`, its controller reaching the storage g
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import time
@@ -73,6 +74,16 @@ def start_berth(lab: Lab, node: str, mode: str = "all", extra: str = "") -> None
             log = lab.run(node, "journalctl -u berth --no-pager | tail -50", check=False).stdout
             raise RuntimeError(f"berth did not open {SOCKET} on {node} within 60s:\n{log}")
         time.sleep(0.5)
+
+
+def csicall(lab: Lab, node: str, rpc: str, request: dict | None = None) -> tuple[bool, dict]:
+    """One CSI RPC against Berth on `node` through csicall: (succeeded, response or {code, details})."""
+    argv = [PYTHON, "-m", "csi_driver.csicall", "--endpoint", f"unix://{SOCKET}", rpc, json.dumps(request or {})]
+    result = lab.run(node, shlex.join(argv), timeout=600, check=False)
+    lines = result.stdout.strip().splitlines()
+    if result.rc not in (0, 1) or not lines:
+        raise RuntimeError(f"csicall {rpc} on {node} broke (rc {result.rc}): {result.stdout} {result.stderr}")
+    return result.rc == 0, json.loads(lines[-1])
 
 
 def stop_berth(lab: Lab, node: str) -> None:

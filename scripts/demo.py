@@ -8,29 +8,23 @@ Uses a running lab (`python -m lab up`) or starts one for the demo.
 
 from __future__ import annotations
 
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab import config as lab_config  # noqa: E402
 from lab.topology import Lab, LabError  # noqa: E402
-from sanity.runner import SOCKET, start_berth, stop_berth  # noqa: E402
+from sanity.runner import csicall, start_berth, stop_berth  # noqa: E402
 
-PYTHON = f"{lab_config.GUEST_VENV}/bin/python"
 MiB = 1 << 20
 RWX_BLOCK = {"block": {}, "access_mode": {"mode": "MULTI_NODE_MULTI_WRITER"}}
 timings: list[tuple[str, float]] = []
 
 
 def csi(lab: Lab, node: str, rpc: str, request: dict | None = None) -> dict:
-    argv = [PYTHON, "-m", "csi_driver.csicall", "--endpoint", f"unix://{SOCKET}", rpc, json.dumps(request or {})]
-    result = lab.run(node, shlex.join(argv), timeout=300, check=False)
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
-    if result.rc != 0:
+    ok, answer = csicall(lab, node, rpc, request)
+    if not ok:
         raise RuntimeError(f"{rpc} on {node} failed: {answer}")
     return answer
 

@@ -223,7 +223,8 @@ class LvmBackend:
         if size <= volume.size_bytes:
             return volume.size_bytes, self.exporter.protocol == "iscsi"
         self.pool.resize(lv, size)
-        return self.pool.get(lv).size_bytes, self.exporter.grown(self.pool.get(lv))
+        grown = self.pool.get(lv)
+        return grown.size_bytes, self.exporter.grown(grown)
 
     # --- publication ---
 

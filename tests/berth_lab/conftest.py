@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import shlex
 from dataclasses import dataclass
 
 import pytest
 
-from lab import config as lab_config
 from lab.topology import Lab
-from sanity.runner import SOCKET, start_berth, stop_berth
+from sanity.runner import csicall, start_berth, stop_berth
 
-PYTHON = f"{lab_config.GUEST_VENV}/bin/python"
 MiB = 1 << 20
 
 
@@ -32,12 +28,7 @@ class Berth:
         self.node_ids: dict[str, str] = {}
 
     def call(self, node: str, rpc: str, request: dict | None = None) -> Answer:
-        argv = [PYTHON, "-m", "csi_driver.csicall", "--endpoint", f"unix://{SOCKET}", rpc, json.dumps(request or {})]
-        result = self.lab.run(node, shlex.join(argv), timeout=600, check=False)
-        lines = result.stdout.strip().splitlines()
-        if result.rc not in (0, 1) or not lines:
-            raise AssertionError(f"csicall {rpc} on {node} broke (rc {result.rc}): {result.stdout} {result.stderr}")
-        return Answer(result.rc == 0, json.loads(lines[-1]))
+        return Answer(*csicall(self.lab, node, rpc, request))
 
     def must(self, node: str, rpc: str, request: dict | None = None) -> dict:
         answer = self.call(node, rpc, request)

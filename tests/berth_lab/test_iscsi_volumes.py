@@ -82,7 +82,7 @@ def staged_device(lab, volume: dict) -> str:
         "import json, sys; from csi_driver.node.stage_record import record_file_name; "
         "print(json.load(open('/var/lib/berth/volumes/' + record_file_name(sys.argv[1])))['device_path'])"
     )
-    from tests.berth_lab.conftest import PYTHON
+    from sanity.runner import PYTHON
 
     return lab.run("node1", f'{PYTHON} -c "{script}" {volume["volume_id"]}').stdout.strip()
 
