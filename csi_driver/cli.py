@@ -84,7 +84,7 @@ def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
         from csi_driver.node.identity import default_node_id
         from csi_driver.services.node import make_node_service
 
-        args.node_id = args.node_id or default_node_id(fallback=socket.gethostname())
+        args.node_id = args.node_id or default_node_id(socket.gethostname(), config.node.storage_networks)
         node_service = make_node_service(
             args.node_id, config.node.state_dir, config.node.max_volumes_per_node, config.node.protocols
         )

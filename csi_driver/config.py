@@ -7,6 +7,7 @@ path and what was expected, so an operator never has to read a traceback to fix 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class NodeConfig:
     # Survives a node plugin restart: the stage records NodeUnstage needs live here.
     state_dir: str = "/var/lib/kubelet/plugins/berth.csi.io"
     max_volumes_per_node: int = 0
+    # CIDRs of the storage network(s); only addresses inside them go into the node ID (the NFS export client
+    # list). Empty: every global address, which on a real node includes pod bridges and NAT addresses.
+    storage_networks: list[str] = field(default_factory=list)
     protocols: list[Literal["iscsi", "nfs"]] = field(default_factory=lambda: ["iscsi", "nfs"])
 
 
@@ -121,6 +125,13 @@ def _check_consistency(config: Config) -> None:
             raise ConfigError(f"key 'backends.{name}.nfs': required when protocol is 'nfs'")
         if backend.iscsi is not None and not backend.iscsi.portals:
             raise ConfigError(f"key 'backends.{name}.iscsi.portals': expected at least one 'address:port'")
+    for i, network in enumerate(config.node.storage_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"key 'node.storage_networks[{i}]': expected a network like '198.18.0.0/24', got {network!r}"
+            ) from None
     if config.default_backend is not None and config.default_backend not in config.backends:
         known = ", ".join(sorted(config.backends)) or "none"
         raise ConfigError(

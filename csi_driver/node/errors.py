@@ -48,6 +48,10 @@ class AttachFailed(NodeError):
     """iSCSI login or device discovery failed."""
 
 
+class LoginRefused(AttachFailed):
+    """The target refused the iSCSI login: wrong CHAP credentials or this initiator is not in its ACL."""
+
+
 class DetachFailed(NodeError):
     """Logout, device removal or multipath flush failed."""
 

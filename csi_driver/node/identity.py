@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Sequence
@@ -53,12 +54,25 @@ def local_node_id(addresses: Sequence[str], fallback: str, initiator_file: str =
         return fallback
 
 
-def default_node_id(fallback: str, runner: Runner | None = None, initiator_file: str = INITIATOR_FILE) -> str:
-    """The node ID when `--node-id` is not given: IQN + global addresses, else `fallback`."""
+def in_networks(addresses: Sequence[str], networks: Sequence[str]) -> list[str]:
+    """The addresses inside any of `networks` (CIDRs), in order; all of them when `networks` is empty."""
+    if not networks:
+        return list(addresses)
+    nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+    return [a for a in addresses if any(ipaddress.ip_address(a) in net for net in nets)]
+
+
+def default_node_id(
+    fallback: str,
+    storage_networks: Sequence[str] = (),
+    runner: Runner | None = None,
+    initiator_file: str = INITIATOR_FILE,
+) -> str:
+    """The node ID when `--node-id` is not given: IQN + global addresses in the storage networks, else `fallback`."""
     from .commands import LocalRunner
 
     try:
-        addresses = discover_addresses(runner or LocalRunner())
+        addresses = in_networks(discover_addresses(runner or LocalRunner()), storage_networks)
     except (NodeError, ValueError) as err:
         log.warning("cannot list this node's addresses", extra={"error": str(err)})
         addresses = []

@@ -24,9 +24,11 @@ from typing import Any, Protocol
 from .commands import Runner
 from .errors import (
     AttachFailed,
+    CommandFailed,
     DetachFailed,
     DeviceNotFound,
     InvalidVolume,
+    LoginRefused,
     NodeError,
     StillInUse,
     WwnMismatch,
@@ -47,6 +49,7 @@ DEFAULT_PORT = "3260"
 DEVICE_SCAN_ATTEMPTS = 5
 # csi VolumeCapability.AccessMode: MULTI_NODE_SINGLE_WRITER, MULTI_NODE_MULTI_WRITER.
 MULTI_NODE_WRITER_MODES = (4, 5)
+ISCSI_ERR_LOGIN_AUTH_FAILED = 24  # iscsiadm's exit status (open-iscsi include/iscsi_err.h)
 
 
 class Connector(Protocol):
@@ -256,9 +259,11 @@ class IscsiVolumes:
         try:
             info = connector.connect_volume(dict(props)) or {}
         except Exception as err:  # os-brick raises many unrelated types; all mean "no device"
+            self._explain_login_failure(props)
             raise AttachFailed(f"iSCSI attach to {_describe(props)} failed: {err}") from err
         path = info.get("path")
         if not path:
+            self._explain_login_failure(props)
             raise AttachFailed(f"iSCSI attach to {_describe(props)} returned no device")
         self._set_manual_startup(props)
         found = normalize_wwn(info.get("scsi_wwn", "")) or self._sysfs_wwn(path)
@@ -270,6 +275,34 @@ class IscsiVolumes:
                 f"not {expected_wwn}; refusing to use it"
             )
         return AttachedDevice(path, found or expected_wwn, multipath)
+
+    def _explain_login_failure(self, props: Mapping[str, Any]) -> None:
+        """os-brick hides why no device came ("Volume device not found at ."); when no session to the target
+        exists, log in once more through the node record os-brick left and raise on iscsiadm's verdict."""
+        for portal, iqn in all_targets(props):
+            if self._has_session(portal, iqn):
+                return  # logged in, so the login was not the problem
+            login = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login"]
+            try:
+                self.runner.run(login, timeout=30)
+            except CommandFailed as err:
+                if err.rc == ISCSI_ERR_LOGIN_AUTH_FAILED:
+                    raise LoginRefused(
+                        f"the storage host refused the iSCSI login to {iqn} at {portal}: authorization failed. "
+                        "Check the CHAP user and password in the StorageClass's node-stage and "
+                        "controller-publish secrets (they must match), and that the volume is published to this "
+                        "node"
+                    ) from None
+                continue
+            except NodeError:
+                continue
+            # The diagnostic login worked; leave no session behind for a volume that is not staged.
+            self.runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout"], timeout=30, check=False)
+
+    def _has_session(self, portal: str, iqn: str) -> bool:
+        result = self.runner.run(["iscsiadm", "-m", "session"], timeout=30, check=False)
+        # Lines look like "tcp: [3] 198.18.0.1:3260,1 iqn.2026-11.io.berth.storage:vol-x (non-flash)".
+        return any(f" {portal}," in line and iqn in line.split() for line in result.stdout.splitlines())
 
     def _prepare_mutual_chap(self, props: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
         for portal, iqn in all_targets(props):

@@ -137,7 +137,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source = self._content_source(backend, request)
         with self.locks.hold(f"name:{request.name}"):
             volume = backend.create_volume(
-                request.name, required or DEFAULT_SIZE, limit, request.parameters, source
+                request.name, required, limit, request.parameters, source, default_bytes=DEFAULT_SIZE
             )
         return csi_pb2.CreateVolumeResponse(volume=self._volume_message(backend, volume))
 

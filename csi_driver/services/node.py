@@ -39,6 +39,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.WrongAccess, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.StillInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.OperationInFlight, grpc.StatusCode.ABORTED),
+    (errors.LoginRefused, grpc.StatusCode.PERMISSION_DENIED),
     (errors.CommandTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.NodeError, grpc.StatusCode.INTERNAL),
 )

@@ -128,8 +128,12 @@ class LvmBackend:
         limit_bytes: int,
         parameters: Mapping[str, str],
         source: ContentSource | None,
+        default_bytes: int = 0,
     ) -> Volume:
-        """Create, or finish creating, the volume for CSI name `name`; same name + same request → same volume."""
+        """Create, or finish creating, the volume for CSI name `name`; same name + same request → same volume.
+
+        required_bytes 0 means "no size asked": a clone takes its source's size, a new volume default_bytes.
+        """
         lv = volume_lv_name(name)
         meta = {
             meta_keys.KEY_NAME: name,
@@ -139,16 +143,19 @@ class LvmBackend:
         }
         if source is not None:
             meta[meta_keys.KEY_SOURCE] = source.encode()
-        size = self.pool.round_size(required_bytes)
-        if limit_bytes and size > limit_bytes:
-            raise InvalidRequest(
-                f"capacity {required_bytes} rounds up to {size} bytes (extent {self.pool.extent_size()} bytes), "
-                f"above the limit of {limit_bytes} bytes"
-            )
         existing = self.pool.find(lv)
         if existing is not None:
             self._check_same_request(existing, meta, required_bytes, limit_bytes)
         else:
+            if not required_bytes:
+                # No size asked: a clone is as large as its source, a new volume gets the default.
+                required_bytes = self.pool.get(self._source_lv(source)).size_bytes if source else default_bytes
+            size = self.pool.round_size(required_bytes)
+            if limit_bytes and size > limit_bytes:
+                raise InvalidRequest(
+                    f"capacity {required_bytes} rounds up to {size} bytes (extent {self.pool.extent_size()} bytes), "
+                    f"above the limit of {limit_bytes} bytes"
+                )
             available = self.available_bytes()
             if size > available:
                 raise CapacityExhausted(
@@ -204,8 +211,6 @@ class LvmBackend:
     def delete_volume(self, lv: str) -> None:
         """Remove the volume; a missing one is fine. Thin snapshots of it stay valid (they share no LV)."""
         info = self.pool.find(lv)
-        if not self._owned(info, KIND_VOLUME):
-            return
         if not self._owned(info, KIND_VOLUME):
             return
         published = _published(info)

@@ -61,6 +61,10 @@ def test_empty_file_means_defaults(tmp_path):
         (("default_backend: lab", "default_backend: other"), "names backend 'other', which is not defined"),
         (("max_volumes_per_node: 16", "max_volumes_per_node: [1]"), "expected an integer, got a list"),
         (('portals: ["198.18.0.1:3260", "198.18.1.1:3260"]', "portals: []"), "expected at least one"),
+        (
+            ("max_volumes_per_node: 16", "max_volumes_per_node: 16\n  storage_networks: [198.18.0/33]"),
+            "key 'node.storage_networks[0]': expected a network like",
+        ),
     ],
 )
 def test_errors_name_file_key_and_expectation(tmp_path, edit, expected):

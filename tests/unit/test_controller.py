@@ -144,6 +144,18 @@ def test_clone_from_snapshot_and_volume(controller, backends):
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def test_clone_without_size_takes_the_source_size(controller):
+    volume = create(controller, size=256 * MiB)
+    source = csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume.volume_id)
+    )
+    request = csi_pb2.CreateVolumeRequest(
+        name="clone", volume_capabilities=[capability()], volume_content_source=source
+    )
+    assert controller.CreateVolume(request).volume.capacity_bytes == 256 * MiB, "not the 1 GiB default"
+    assert controller.CreateVolume(request).volume.capacity_bytes == 256 * MiB, "retry: same volume"
+
+
 def test_snapshot_name_reused_for_another_source(controller):
     one, two = create(controller, "one"), create(controller, "two")
     controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=one.volume_id))

@@ -1,7 +1,13 @@
 import pytest
 
-from csi_driver.node.errors import InvalidVolume, WwnMismatch
-from csi_driver.node.iscsi import connection_properties, normalize_wwn, targets_from_publish_context
+from csi_driver.node.commands import Result
+from csi_driver.node.errors import AttachFailed, InvalidVolume, LoginRefused, WwnMismatch
+from csi_driver.node.iscsi import (
+    ISCSI_ERR_LOGIN_AUTH_FAILED,
+    connection_properties,
+    normalize_wwn,
+    targets_from_publish_context,
+)
 
 from .conftest import WWN
 
@@ -71,3 +77,32 @@ def test_wrong_wwn_detaches_and_refuses(node):
     kinds = [entry[0] for entry in node.connector_log]
     assert kinds == ["connect", "disconnect"]
     assert node.connector_log[1][3] is True  # force
+
+
+def _login_answers(rc: int):
+    def handler(args):
+        if args[-1] == "--login":
+            return Result(rc, "", "iscsiadm: Login failed ... (exit status 24)" if rc else "")
+        return None
+
+    return handler
+
+
+def test_refused_login_is_named_when_os_brick_finds_no_device(node):
+    iscsi = node.volumes.protocols["iscsi"]
+    node.device = ""  # os-brick found no device (its "Volume device not found at .")
+    node.system.handlers.append(_login_answers(ISCSI_ERR_LOGIN_AUTH_FAILED))
+    with pytest.raises(LoginRefused, match="authorization failed.*CHAP") as caught:
+        iscsi.attach(dict(PROPS, auth_password="wrong-secret"), False, WWN, {})
+    assert "wrong-secret" not in str(caught.value)
+    assert not any(c[-1] == "--logout" for c in node.system.calls)
+
+
+def test_other_attach_failures_stay_attach_failed_and_leave_no_session(node):
+    iscsi = node.volumes.protocols["iscsi"]
+    node.device = ""  # os-brick found no device (its "Volume device not found at .")
+    node.system.handlers.append(_login_answers(0))
+    with pytest.raises(AttachFailed) as caught:
+        iscsi.attach(dict(PROPS), False, WWN, {})
+    assert not isinstance(caught.value, LoginRefused)
+    assert node.system.calls[-1][-1] == "--logout", "the diagnostic login is undone"

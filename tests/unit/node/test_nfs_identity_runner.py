@@ -7,7 +7,7 @@ from csi_driver.csi import csi_pb2
 from csi_driver.node import nfs
 from csi_driver.node.commands import LocalRunner
 from csi_driver.node.errors import CommandFailed, CommandTimeout
-from csi_driver.node.identity import local_node_id, read_initiator_iqn
+from csi_driver.node.identity import in_networks, local_node_id, read_initiator_iqn
 from csi_driver.node.nfs import mount_options, nfs_source
 
 from .conftest import Aborted
@@ -87,6 +87,13 @@ def test_initiator_name_and_node_id(tmp_path):
     assert local_node_id(["198.18.0.11"], "host", str(path)) == "iqn.2026-11.io.berth.lab:node1|198.18.0.11"
     assert local_node_id(["198.18.0.11"], "host", str(tmp_path / "missing")) == "host"
     assert local_node_id([], "host", str(path)) == "host"
+
+
+def test_storage_networks_filter_node_addresses():
+    addresses = ["10.0.2.15", "198.18.0.11", "198.18.1.11", "fd00::11"]
+    assert in_networks(addresses, []) == addresses
+    assert in_networks(addresses, ["198.18.0.0/24", "198.18.1.0/24"]) == ["198.18.0.11", "198.18.1.11"]
+    assert in_networks(addresses, ["fd00::/64"]) == ["fd00::11"]
 
 
 def test_local_runner_records_failure_and_timeout():
