@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import CommandFailed, CommandTimeout
+from .errors import CommandFailed, CommandTimeout, masked
 
 log = logging.getLogger("berth.node.commands")
 
@@ -41,7 +41,7 @@ class LocalRunner:
 
     def run(self, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
         args = list(argv)
-        log.debug("run", extra={"argv": args})
+        log.debug("run", extra={"argv": masked(args)})
         try:
             proc = subprocess.Popen(
                 args,
@@ -62,7 +62,7 @@ class LocalRunner:
             try:
                 proc.communicate(timeout=KILL_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                log.warning("abandoning unkillable command", extra={"argv": args, "pid": proc.pid})
+                log.warning("abandoning unkillable command", extra={"argv": masked(args), "pid": proc.pid})
                 threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
             raise CommandTimeout(args, timeout) from None
         proc_rc = proc.returncode

@@ -68,9 +68,18 @@ class FilesystemError(NodeError):
     """mkfs refused (device holds other data), fs type mismatch, grow failed."""
 
 
+def masked(argv: Sequence[str]) -> list[str]:
+    """argv fit for logs and error messages: the value of `iscsiadm ... -n <...password...> -v VALUE` hidden."""
+    shown = list(argv)
+    for i in range(len(shown) - 3):
+        if shown[i] == "-n" and "password" in shown[i + 1] and shown[i + 2] == "-v":
+            shown[i + 3] = "***"
+    return shown
+
+
 class CommandFailed(NodeError):
     def __init__(self, argv: Sequence[str], rc: int, stderr: str = "") -> None:
-        self.argv = list(argv)
+        self.argv = masked(argv)
         self.rc = rc
         self.stderr = stderr
         tail = stderr.strip()[-STDERR_TAIL_CHARS:]
@@ -79,6 +88,6 @@ class CommandFailed(NodeError):
 
 class CommandTimeout(NodeError):
     def __init__(self, argv: Sequence[str], seconds: float) -> None:
-        self.argv = list(argv)
+        self.argv = masked(argv)
         self.seconds = seconds
         super().__init__(f"`{' '.join(self.argv)}` did not finish within {seconds:g} s")

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 from .commands import Runner
 from .errors import (
     AttachFailed,
-    CommandFailed,
     DetachFailed,
     DeviceNotFound,
     InvalidVolume,
@@ -259,11 +258,11 @@ class IscsiVolumes:
         try:
             info = connector.connect_volume(dict(props)) or {}
         except Exception as err:  # os-brick raises many unrelated types; all mean "no device"
-            self._explain_login_failure(props)
+            self._explain_login_failure(props, secrets)
             raise AttachFailed(f"iSCSI attach to {_describe(props)} failed: {err}") from err
         path = info.get("path")
         if not path:
-            self._explain_login_failure(props)
+            self._explain_login_failure(props, secrets)
             raise AttachFailed(f"iSCSI attach to {_describe(props)} returned no device")
         self._set_manual_startup(props)
         found = normalize_wwn(info.get("scsi_wwn", "")) or self._sysfs_wwn(path)
@@ -276,28 +275,38 @@ class IscsiVolumes:
             )
         return AttachedDevice(path, found or expected_wwn, multipath)
 
-    def _explain_login_failure(self, props: Mapping[str, Any]) -> None:
-        """os-brick hides why no device came ("Volume device not found at ."); when no session to the target
-        exists, log in once more through the node record os-brick left and raise on iscsiadm's verdict."""
+    def _explain_login_failure(self, props: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
+        """os-brick hides why no device came ("Volume device not found at .") and deletes the node records of a
+        failed login; so log in once more with the same settings and raise on iscsiadm's verdict."""
         for portal, iqn in all_targets(props):
             if self._has_session(portal, iqn):
                 return  # logged in, so the login was not the problem
-            login = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login"]
+            node = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
             try:
-                self.runner.run(login, timeout=30)
-            except CommandFailed as err:
-                if err.rc == ISCSI_ERR_LOGIN_AUTH_FAILED:
-                    raise LoginRefused(
-                        f"the storage host refused the iSCSI login to {iqn} at {portal}: authorization failed. "
-                        "Check the CHAP user and password in the StorageClass's node-stage and "
-                        "controller-publish secrets (they must match), and that the volume is published to this "
-                        "node"
-                    ) from None
+                self.runner.run([*node, "--interface", "default", "--op", "new"], timeout=30)
+                chap = {
+                    "node.session.auth.authmethod": props.get("auth_method", "None"),
+                    SECRET_USER: props.get("auth_username", ""),
+                    SECRET_PASSWORD: props.get("auth_password", ""),
+                    SECRET_USER_IN: secrets.get(SECRET_USER_IN, ""),
+                    SECRET_PASSWORD_IN: secrets.get(SECRET_PASSWORD_IN, ""),
+                }
+                for key, value in chap.items():
+                    self.runner.run([*node, "--op", "update", "-n", key, "-v", value], timeout=30)
+                login = self.runner.run([*node, "--login"], timeout=30, check=False)
+                if login.rc == 0:  # it worked this time; leave no session for a volume that is not staged
+                    self.runner.run([*node, "--logout"], timeout=30, check=False)
+            except NodeError as err:
+                log.warning("diagnostic iSCSI login failed to run", extra={"portal": portal, "error": str(err)})
                 continue
-            except NodeError:
-                continue
-            # The diagnostic login worked; leave no session behind for a volume that is not staged.
-            self.runner.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout"], timeout=30, check=False)
+            finally:
+                self.runner.run([*node, "--op", "delete"], timeout=30, check=False)
+            if login.rc == ISCSI_ERR_LOGIN_AUTH_FAILED:
+                raise LoginRefused(
+                    f"the storage host refused the iSCSI login to {iqn} at {portal}: authorization failed. Check "
+                    "the CHAP user and password in the StorageClass's node-stage and controller-publish secrets "
+                    "(they must be the same), and that the volume is published to this node"
+                )
 
     def _has_session(self, portal: str, iqn: str) -> bool:
         result = self.runner.run(["iscsiadm", "-m", "session"], timeout=30, check=False)

@@ -1,7 +1,7 @@
 import pytest
 
 from csi_driver.node.commands import Result
-from csi_driver.node.errors import AttachFailed, InvalidVolume, LoginRefused, WwnMismatch
+from csi_driver.node.errors import AttachFailed, CommandFailed, InvalidVolume, LoginRefused, WwnMismatch, masked
 from csi_driver.node.iscsi import (
     ISCSI_ERR_LOGIN_AUTH_FAILED,
     connection_properties,
@@ -96,6 +96,9 @@ def test_refused_login_is_named_when_os_brick_finds_no_device(node):
         iscsi.attach(dict(PROPS, auth_password="wrong-secret"), False, WWN, {})
     assert "wrong-secret" not in str(caught.value)
     assert not any(c[-1] == "--logout" for c in node.system.calls)
+    updates = {c[c.index("-n") + 1]: c[-1] for c in node.system.commands("iscsiadm") if "update" in c}
+    assert updates["node.session.auth.password"] == "wrong-secret", "the diagnosis logs in like os-brick did"
+    assert node.system.calls[-1][-2:] == ["--op", "delete"], "no node record is left behind"
 
 
 def test_other_attach_failures_stay_attach_failed_and_leave_no_session(node):
@@ -105,4 +108,12 @@ def test_other_attach_failures_stay_attach_failed_and_leave_no_session(node):
     with pytest.raises(AttachFailed) as caught:
         iscsi.attach(dict(PROPS), False, WWN, {})
     assert not isinstance(caught.value, LoginRefused)
-    assert node.system.calls[-1][-1] == "--logout", "the diagnostic login is undone"
+    assert node.system.calls[-2][-1] == "--logout", "the diagnostic login is undone"
+    assert node.system.calls[-1][-2:] == ["--op", "delete"]
+
+
+def test_passwords_are_masked_in_command_errors():
+    argv = ["iscsiadm", "-m", "node", "--op", "update", "-n", "node.session.auth.password_in", "-v", "s3cret"]
+    err = CommandFailed(argv, 1, "boom")
+    assert "s3cret" not in str(err) and "***" in str(err)
+    assert masked(["iscsiadm", "-n", "node.session.auth.username", "-v", "user"])[-1] == "user"
