@@ -41,22 +41,34 @@ def invalid(message: str) -> RpcError:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+ErrorCodes = list[tuple[type[Exception], grpc.StatusCode]]
 
 
-def rpc(method: F) -> F:
-    """Decorate a servicer method: RpcError and storage errors become gRPC statuses with their message."""
+def rpc_mapping(codes: ErrorCodes) -> Callable[[F], F]:
+    """Decorator for servicer methods: RpcError and the domain errors in `codes` (first match wins) become
+    gRPC statuses with their message. Anything else is a bug; the interceptor logs it and answers INTERNAL."""
 
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except RpcError as err:
-            context.abort(err.code, str(err))
-        except storage.StorageError as err:
-            code = next(code for kind, code in STORAGE_ERROR_CODES if isinstance(err, kind))
-            context.abort(code, str(err))
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return method(self, request, context)
+            except RpcError as err:
+                context.abort(err.code, str(err))
+            except Exception as err:
+                code = next((code for kind, code in codes if isinstance(err, kind)), None)
+                if code is None:
+                    raise
+                level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+                log.log(level, "%s failed", method.__name__, extra={"code": code.name, "reason": str(err)})
+                context.abort(code, str(err))
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+rpc = rpc_mapping(STORAGE_ERROR_CODES)
 
 
 class OperationLocks:

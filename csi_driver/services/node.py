@@ -6,7 +6,6 @@ with a missing field and expects INVALID_ARGUMENT, not NOT_FOUND.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
@@ -16,8 +15,8 @@ from csi_driver.csi import csi_pb2, csi_pb2_grpc
 from csi_driver.node import errors
 from csi_driver.node.protocol import BLOCK, MOUNT, StageRequest, VolumeProtocol
 from csi_driver.node.volumes import NodeVolumes, PublishRequest
+from csi_driver.services.errors import ErrorCodes, invalid, rpc_mapping
 
-log = logging.getLogger("berth.node")
 
 _Rpc = csi_pb2.NodeServiceCapability.RPC
 _Mode = csi_pb2.VolumeCapability.AccessMode
@@ -31,7 +30,7 @@ CAPABILITIES = (
 _READ_ONLY_MODES = (_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY)
 
 # Most specific first: the first matching class decides the code.
-_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+NODE_ERROR_CODES: ErrorCodes = [
     (errors.InvalidVolume, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.MountConflict, grpc.StatusCode.ALREADY_EXISTS),
@@ -42,28 +41,25 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.LoginRefused, grpc.StatusCode.PERMISSION_DENIED),
     (errors.CommandTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.NodeError, grpc.StatusCode.INTERNAL),
-)
-
-
-class _Invalid(Exception):
-    """A request field is missing or malformed."""
+]
+node_rpc = rpc_mapping(NODE_ERROR_CODES)
 
 
 def _require(value: str, what: str) -> str:
     if not value:
-        raise _Invalid(f"{what} is required")
+        raise invalid(f"{what} is required")
     return value
 
 
 def _access(request, what: str = "volume_capability") -> tuple[str, csi_pb2.VolumeCapability]:
     if not request.HasField("volume_capability"):
-        raise _Invalid(f"{what} is required")
+        raise invalid(f"{what} is required")
     capability = request.volume_capability
     kind = capability.WhichOneof("access_type")
     if kind not in (BLOCK, MOUNT):
-        raise _Invalid(f"{what} must have an access type (block or mount)")
+        raise invalid(f"{what} must have an access type (block or mount)")
     if capability.access_mode.mode == _Mode.UNKNOWN:
-        raise _Invalid(f"{what}.access_mode is required")
+        raise invalid(f"{what}.access_mode is required")
     return kind, capability
 
 
@@ -72,18 +68,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.node_id = node_id
         self.volumes = volumes
         self.max_volumes_per_node = max_volumes_per_node
-
-    def _fail(self, context, err: Exception, rpc: str):
-        if isinstance(err, _Invalid):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        for cls, code in _CODES:
-            if isinstance(err, cls):
-                level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-                log.log(level, "%s failed", rpc, extra={"code": code.name, "reason": str(err)})
-                context.abort(code, str(err))
-        # A bug or an unexpected OSError: still a readable INTERNAL, and the traceback in our log.
-        log.exception("%s failed unexpectedly", rpc)
-        context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: unexpected {type(err).__name__}: {err}")
 
     # --- capabilities and info ---
 
@@ -97,81 +81,71 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # --- stage ---
 
+    @node_rpc
     def NodeStageVolume(self, request, context):
-        try:
-            volume_id = _require(request.volume_id, "volume_id")
-            staging = _require(request.staging_target_path, "staging_target_path")
-            kind, capability = _access(request)
-            mode = capability.access_mode.mode
-            readonly = request.publish_context.get("readonly") == "true" or mode in _READ_ONLY_MODES
-            stage = StageRequest(
-                volume_id=volume_id,
-                staging_path=staging,
-                access_type=kind,
-                fs_type=capability.mount.fs_type if kind == MOUNT else "",
-                mount_flags=tuple(capability.mount.mount_flags) if kind == MOUNT else (),
-                readonly=readonly,
-                access_mode=mode,
-                volume_context=dict(request.volume_context),
-                publish_context=dict(request.publish_context),
-                secrets=dict(request.secrets),
-            )
-            self.volumes.stage(stage)
-        except Exception as err:
-            self._fail(context, err, "NodeStageVolume")
+        volume_id = _require(request.volume_id, "volume_id")
+        staging = _require(request.staging_target_path, "staging_target_path")
+        kind, capability = _access(request)
+        mode = capability.access_mode.mode
+        readonly = request.publish_context.get("readonly") == "true" or mode in _READ_ONLY_MODES
+        stage = StageRequest(
+            volume_id=volume_id,
+            staging_path=staging,
+            access_type=kind,
+            fs_type=capability.mount.fs_type if kind == MOUNT else "",
+            mount_flags=tuple(capability.mount.mount_flags) if kind == MOUNT else (),
+            readonly=readonly,
+            access_mode=mode,
+            volume_context=dict(request.volume_context),
+            publish_context=dict(request.publish_context),
+            secrets=dict(request.secrets),
+        )
+        self.volumes.stage(stage)
         return csi_pb2.NodeStageVolumeResponse()
 
+    @node_rpc
     def NodeUnstageVolume(self, request, context):
-        try:
-            volume_id = _require(request.volume_id, "volume_id")
-            staging = _require(request.staging_target_path, "staging_target_path")
-            self.volumes.unstage(volume_id, staging)
-        except Exception as err:
-            self._fail(context, err, "NodeUnstageVolume")
+        volume_id = _require(request.volume_id, "volume_id")
+        staging = _require(request.staging_target_path, "staging_target_path")
+        self.volumes.unstage(volume_id, staging)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # --- publish ---
 
+    @node_rpc
     def NodePublishVolume(self, request, context):
-        try:
-            volume_id = _require(request.volume_id, "volume_id")
-            target = _require(request.target_path, "target_path")
-            kind, capability = _access(request)
-            if not request.staging_target_path:
-                # We advertise STAGE_UNSTAGE_VOLUME, so the CO must stage first and pass the staging path.
-                raise errors.NotStaged("staging_target_path is required: this plugin stages volumes first")
-            publish = PublishRequest(
-                volume_id=volume_id,
-                staging_path=request.staging_target_path,
-                target_path=target,
-                access_type=kind,
-                readonly=request.readonly,
-                access_mode=capability.access_mode.mode,
-                mount_flags=tuple(capability.mount.mount_flags) if kind == MOUNT else (),
-            )
-            self.volumes.publish(publish)
-        except Exception as err:
-            self._fail(context, err, "NodePublishVolume")
+        volume_id = _require(request.volume_id, "volume_id")
+        target = _require(request.target_path, "target_path")
+        kind, capability = _access(request)
+        if not request.staging_target_path:
+            # We advertise STAGE_UNSTAGE_VOLUME, so the CO must stage first and pass the staging path.
+            raise errors.NotStaged("staging_target_path is required: this plugin stages volumes first")
+        publish = PublishRequest(
+            volume_id=volume_id,
+            staging_path=request.staging_target_path,
+            target_path=target,
+            access_type=kind,
+            readonly=request.readonly,
+            access_mode=capability.access_mode.mode,
+            mount_flags=tuple(capability.mount.mount_flags) if kind == MOUNT else (),
+        )
+        self.volumes.publish(publish)
         return csi_pb2.NodePublishVolumeResponse()
 
+    @node_rpc
     def NodeUnpublishVolume(self, request, context):
-        try:
-            volume_id = _require(request.volume_id, "volume_id")
-            target = _require(request.target_path, "target_path")
-            self.volumes.unpublish(volume_id, target)
-        except Exception as err:
-            self._fail(context, err, "NodeUnpublishVolume")
+        volume_id = _require(request.volume_id, "volume_id")
+        target = _require(request.target_path, "target_path")
+        self.volumes.unpublish(volume_id, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # --- stats and expand ---
 
+    @node_rpc
     def NodeGetVolumeStats(self, request, context):
-        try:
-            volume_id = _require(request.volume_id, "volume_id")
-            path = _require(request.volume_path, "volume_path")
-            stats = self.volumes.stats(volume_id, path)
-        except Exception as err:
-            self._fail(context, err, "NodeGetVolumeStats")
+        volume_id = _require(request.volume_id, "volume_id")
+        path = _require(request.volume_path, "volume_path")
+        stats = self.volumes.stats(volume_id, path)
         unit = csi_pb2.VolumeUsage
         usage = []
         if stats.usage is not None:
@@ -184,15 +158,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         condition = csi_pb2.VolumeCondition(abnormal=stats.abnormal, message=stats.message or "healthy")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
+    @node_rpc
     def NodeExpandVolume(self, request, context):
-        try:
-            volume_id = _require(request.volume_id, "volume_id")
-            path = _require(request.volume_path, "volume_path")
-            if request.HasField("volume_capability"):
-                _access(request)
-            capacity = self.volumes.expand(volume_id, path)
-        except Exception as err:
-            self._fail(context, err, "NodeExpandVolume")
+        volume_id = _require(request.volume_id, "volume_id")
+        path = _require(request.volume_path, "volume_path")
+        if request.HasField("volume_capability"):
+            _access(request)
+        capacity = self.volumes.expand(volume_id, path)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=capacity)
 
 
