@@ -17,7 +17,6 @@ from csi_driver.node.protocol import BLOCK, MOUNT, StageRequest, VolumeProtocol
 from csi_driver.node.volumes import NodeVolumes, PublishRequest
 from csi_driver.services.errors import ErrorCodes, invalid, rpc_mapping
 
-
 _Rpc = csi_pb2.NodeServiceCapability.RPC
 _Mode = csi_pb2.VolumeCapability.AccessMode
 CAPABILITIES = (
