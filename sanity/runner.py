@@ -21,18 +21,30 @@ SOCKET = "/run/berth/csi.sock"
 MiB = 1 << 20
 
 # Volume size: a multiple of the 4 MiB extent, so "exact capacity" specs hold; small so 100+ volumes are cheap.
+# NFS volumes hold xfs, which needs 300 MB: with less, "same name, different size" would round to one size.
 COMMON_FLAGS = [
     f"--csi.endpoint=unix://{SOCKET}",
-    f"--csi.testvolumesize={64 * MiB}",
     "--csi.testnodevolumeattachlimit",
     "--ginkgo.no-color",
     "--ginkgo.v",
     "--ginkgo.timeout=40m",
 ]
 PROFILES = {
-    "iscsi-mount": ["--csi.testvolumeaccesstype=mount", f"--csi.testvolumeparameters={SRC}/sanity/iscsi.yaml"],
-    "iscsi-block": ["--csi.testvolumeaccesstype=block", f"--csi.testvolumeparameters={SRC}/sanity/iscsi.yaml"],
-    "nfs": ["--csi.testvolumeaccesstype=mount", f"--csi.testvolumeparameters={SRC}/sanity/nfs.yaml"],
+    "iscsi-mount": [
+        f"--csi.testvolumesize={64 * MiB}",
+        "--csi.testvolumeaccesstype=mount",
+        f"--csi.testvolumeparameters={SRC}/sanity/iscsi.yaml",
+    ],
+    "iscsi-block": [
+        f"--csi.testvolumesize={64 * MiB}",
+        "--csi.testvolumeaccesstype=block",
+        f"--csi.testvolumeparameters={SRC}/sanity/iscsi.yaml",
+    ],
+    "nfs": [
+        f"--csi.testvolumesize={512 * MiB}",
+        "--csi.testvolumeaccesstype=mount",
+        f"--csi.testvolumeparameters={SRC}/sanity/nfs.yaml",
+    ],
 }
 NOT_OFFERED = r"^GroupController |^ModifyVolume |volume attribute class"
 SUMMARY = re.compile(r"(SUCCESS|FAIL)! -- (\d+) Passed \| (\d+) Failed \| (\d+) Pending \| (\d+) Skipped")

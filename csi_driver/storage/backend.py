@@ -73,6 +73,14 @@ class Snapshot:
     created: datetime
 
 
+# mkfs refuses smaller devices: xfsprogs 5.19+ needs 300 MB. ext4 has no practical minimum here.
+FILESYSTEM_MINIMUM_BYTES = {"xfs": 300 * 1000 * 1000}
+
+
+def filesystem_minimum_bytes(fs_type: str) -> int:
+    return FILESYSTEM_MINIMUM_BYTES.get(fs_type, 0)
+
+
 class Exporter(Protocol):
     """What differs between iSCSI and NFS: how a volume is made reachable, and by whom."""
 
@@ -80,6 +88,10 @@ class Exporter(Protocol):
 
     def volume_context(self, lv: str) -> dict[str, str]:
         """What a node needs besides the publish context (e.g. the LUN's WWN, the NFS export path)."""
+        ...
+
+    def minimum_bytes(self, parameters: Mapping[str, str]) -> int:
+        """The smallest volume that works with these StorageClass parameters (e.g. the filesystem's minimum)."""
         ...
 
     def prepare(self, lv: LvInfo, fresh: bool) -> None:
@@ -150,7 +162,13 @@ class LvmBackend:
             if not required_bytes:
                 # No size asked: a clone is as large as its source, a new volume gets the default.
                 required_bytes = self.pool.get(self._source_lv(source)).size_bytes if source else default_bytes
-            size = self.pool.round_size(required_bytes)
+            minimum = self.exporter.minimum_bytes(parameters)
+            if limit_bytes and limit_bytes < minimum:
+                raise InvalidRequest(
+                    f"limit_bytes {limit_bytes} is below {minimum} bytes, the smallest volume this backend's "
+                    "filesystem can hold (xfs needs 300 MB; ext4 has no such minimum)"
+                )
+            size = self.pool.round_size(max(required_bytes, minimum))
             if limit_bytes and size > limit_bytes:
                 raise InvalidRequest(
                     f"capacity {required_bytes} rounds up to {size} bytes (extent {self.pool.extent_size()} bytes), "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from .backend import NodeRef
+from .backend import NodeRef, filesystem_minimum_bytes
 from .errors import InvalidRequest
 from .ids import naa_wwn, volume_serial
 from .lio import Chap, LioTargets
@@ -41,6 +41,10 @@ class IscsiExporter:
     def volume_context(self, lv: str) -> dict[str, str]:
         # The serial is derived from the LV name, so the WWN is known before the LUN exists.
         return {"wwn": naa_wwn(volume_serial(lv))}
+
+    def minimum_bytes(self, parameters: Mapping[str, str]) -> int:
+        # The node makes the filesystem of a mount volume; fsType is the StorageClass's choice.
+        return filesystem_minimum_bytes(parameters.get("fsType", ""))
 
     def prepare(self, lv: LvInfo, fresh: bool) -> None:
         """Nothing to do: the target is created on first publish, so unpublished volumes cost LIO nothing."""

@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from . import nfs_host
-from .backend import NodeRef
+from .backend import NodeRef, filesystem_minimum_bytes
 from .errors import (
     Busy,
     CommandFailed,
@@ -114,6 +114,9 @@ class NfsExporter:
 
     def volume_context(self, lv: str) -> dict[str, str]:
         return {"nfsServer": self.server, "nfsExport": self.export_path(lv)}
+
+    def minimum_bytes(self, parameters: Mapping[str, str]) -> int:
+        return filesystem_minimum_bytes(self.filesystem)
 
     def prepare(self, lv: LvInfo, fresh: bool) -> None:
         """fresh: mkfs if blank, mount, root dir 0777. Clone: new filesystem UUID, mount. Both: fstab line."""

@@ -7,6 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from csi_driver.storage import tags as tagcodec
+from csi_driver.storage.backend import filesystem_minimum_bytes
 from csi_driver.storage.errors import NotFound
 from csi_driver.storage.lvm import LvInfo, PoolCapacity, round_up
 
@@ -100,6 +101,9 @@ class FakeExporter:
 
     def volume_context(self, lv: str) -> dict[str, str]:
         return {"wwn": f"wwn-{lv}"} if self.protocol == "iscsi" else {"nfsServer": "198.18.0.1", "nfsExport": lv}
+
+    def minimum_bytes(self, parameters) -> int:
+        return filesystem_minimum_bytes(parameters.get("fsType", ""))
 
     def prepare(self, lv: LvInfo, fresh: bool) -> None:
         self.prepared.append(lv.name)

@@ -146,14 +146,22 @@ def test_clone_from_snapshot_and_volume(controller, backends):
 
 def test_clone_without_size_takes_the_source_size(controller):
     volume = create(controller, size=256 * MiB)
-    source = csi_pb2.VolumeContentSource(
-        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume.volume_id)
-    )
+    source = csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume.volume_id))
     request = csi_pb2.CreateVolumeRequest(
         name="clone", volume_capabilities=[capability()], volume_content_source=source
     )
     assert controller.CreateVolume(request).volume.capacity_bytes == 256 * MiB, "not the 1 GiB default"
     assert controller.CreateVolume(request).volume.capacity_bytes == 256 * MiB, "retry: same volume"
+
+
+def test_xfs_volumes_are_at_least_the_xfs_minimum(controller):
+    volume = create(controller, name="small-xfs", size=64 * MiB, fsType="xfs")
+    assert volume.capacity_bytes >= 300 * 1000 * 1000, "mkfs.xfs refuses anything smaller"
+    code, message = status_of(controller.CreateVolume, csi_pb2.CreateVolumeRequest(
+        name="tiny-xfs", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB, limit_bytes=100 * MiB),
+        volume_capabilities=[capability()], parameters={"fsType": "xfs"}))  # fmt: skip
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "xfs needs 300 MB" in message
+    assert create(controller, name="small-ext4", size=64 * MiB, fsType="ext4").capacity_bytes == 64 * MiB
 
 
 def test_snapshot_name_reused_for_another_source(controller):

@@ -252,3 +252,8 @@ def test_whole_life_cycle_on_the_simulated_host(tmp_path: Path):
     system.host.run = system.run
     exporter.teardown(lv)
     assert system.mounted == {} and system.etab == {} and system.exports_text() is None
+
+
+def test_minimum_size_follows_the_backend_filesystem():
+    assert NfsExporter(FakeRunner(), "198.18.0.2").minimum_bytes({}) == 300 * 1000 * 1000
+    assert NfsExporter(FakeRunner(), "198.18.0.2", filesystem="ext4").minimum_bytes({"fsType": "xfs"}) == 0
