@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.handover.vm.pattern import COUNT, DATA_LBA, SECTOR, parse_serial, read_direct, sector_generations
+from tests.handover.vm.pattern import COUNT, DATA_LBA, KEEP_LBA, SECTOR, parse_serial, read_direct, sector_generations
 
 pytestmark = [
     pytest.mark.handover,
@@ -47,19 +47,21 @@ def vm(tmp_path):
         ctl("quit", name)
 
 
-def test_guest_verifies_generations_and_reports_a_corrupted_sector(vm):
+@pytest.mark.parametrize("lba", [DATA_LBA + 7, KEEP_LBA + 63])
+def test_guest_verifies_generations_and_reports_a_corrupted_sector(vm, lba):
     vm("start", "a", vm.disk)
     assert not vm("wait", "a", "--gen", "5", "--timeout", "60")["errors"]
     fd = os.open(vm.disk, os.O_WRONLY)
     try:
         for _ in range(40):  # the guest reads each generation back one timer tick after writing it
-            os.pwrite(fd, bytes(SECTOR), (DATA_LBA + 7) * SECTOR)
+            os.pwrite(fd, bytes(SECTOR), lba * SECTOR)
             if vm("serial", "a")["errors"]:
                 break
     finally:
         os.close(fd)
     errors = vm("wait", "a", "--gen", "100000", "--timeout", "10")["errors"]
-    assert errors and errors[0].startswith(f"BAD s={DATA_LBA + 7} g=0 want="), errors
+    want = "0" if lba >= KEEP_LBA else ""
+    assert errors and errors[0].startswith(f"BAD s={lba} g=0 want={want}"), errors
 
 
 def test_guest_survives_a_local_live_migration(vm):
@@ -78,3 +80,4 @@ def test_guest_survives_a_local_live_migration(vm):
     assert joined["generations"] == list(range(1, len(joined["generations"]) + 1)), (first, joined)
     on_disk = sector_generations(read_direct(vm.disk))
     assert len(on_disk) == COUNT and set(on_disk) <= {joined["generations"][-1], joined["generations"][-1] + 1}
+    assert sector_generations(read_direct(vm.disk, KEEP_LBA), KEEP_LBA) == [0] * COUNT

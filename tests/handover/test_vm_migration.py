@@ -1,12 +1,14 @@
 """A VM, for real: QEMU on node1 runs a tiny guest whose disk is a Berth RWX block volume, live-migrates it to node2
 with QEMU's own migration over the lab network, and the migrated guest checks its data.
 
-The guest (vm/guest.asm, a boot sector) writes generation after generation of a known pattern to 64 sectors and
-reads each generation back before writing the next one; its serial log says which generations it verified. So:
+The guest (vm/guest.asm, a boot sector) writes 64 sectors once at boot, then generation after generation of a known
+pattern to 64 other sectors, and reads both regions back before writing the next generation; its serial log says
+which generations it verified. So:
 the joined serial logs of source and target must show generations 1, 2, 3, ... with none missing, repeated or bad
 (the one in flight at the switch-over was written on node1 and verified on node2); node1 then lets the volume go
 (NodeUnpublish, NodeUnstage, ControllerUnpublish) while the VM keeps running on node2 without an I/O error; and the
-disk, read with O_DIRECT on node2 once the VM is stopped, holds the last verified generation (or the next one).
+disk, read with O_DIRECT on node2 once the VM is stopped, holds the last verified generation (or the next one) and
+the boot-time sectors.
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         t = mark("attach both nodes", t)
         install_guest(lab, "node1", disk["node1"])
 
+        t = mark("write the boot sector", t)
         source.start(disk["node1"])
+        t = mark("start qemu on node1", t)
         target.start(disk["node2"], incoming=PORT)
+        t = mark("start qemu -incoming on node2", t)
         booted = source.wait(1)
         assert booted["generations"] and not booted["errors"], booted
         t = mark("boot to first verified generation", t)
@@ -66,11 +71,11 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         stats = source.migrate(f"tcp:{TARGET_ADDRESS}:{PORT}")
         t = mark("migration (as seen by the test)", t)
         assert stats["status"] == "completed" and stats["source_status"] == "postmigrate", stats
-        target_status = target.qmp("query-status")
-        assert target_status["status"] == "running", target_status
         last_on_source = parse_serial(source.serial_text())["generations"][-1]
         after = target.wait(last_on_source + 3)
         assert not after["errors"] and after["generations"], after
+        target_status = target.qmp("query-status")
+        assert target_status["status"] == "running", target_status
         t = mark("3 generations on node2", t)
 
         source.quit()
@@ -85,8 +90,8 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
 
         target.qmp("stop")  # drains the VM's in-flight I/O: the disk is now still
         joined = parse_serial(source.serial_text() + target.serial_text())
-        on_disk = json.loads(lab.run("node2", f"python3 {SRC}/tests/handover/vm/pattern.py {disk['node2']}")
-                             .stdout)["generations"]  # fmt: skip
+        regions = json.loads(lab.run("node2", f"python3 {SRC}/tests/handover/vm/pattern.py {disk['node2']}").stdout)
+        on_disk = regions["data"]
         timings["total"] = round(time.monotonic() - t0, 2)
         report = {
             "timings_s": timings,
@@ -94,7 +99,7 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
             | {"transferred_bytes": stats["ram"]["transferred"], "mbps": stats["ram"]["mbps"]},
             "generations": {"on_source": last_on_source, "total": joined["generations"][-1],
                             "first_on_target": parse_serial(target.serial_text())["generations"][:1]},
-            "disk_generations": sorted(set(on_disk), key=str),
+            "disk_generations": {name: sorted(set(gens), key=str) for name, gens in regions.items()},
         }  # fmt: skip
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "vm_migration.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -105,7 +110,11 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         last = joined["generations"][-1]
         assert None not in on_disk, f"sectors without a valid pattern: {on_disk}"
         assert set(on_disk) <= {last, last + 1}, f"disk holds {set(on_disk)}, last verified generation {last}"
+        assert regions["keep"] == [0] * len(regions["keep"]), f"the boot-time sectors changed: {regions['keep']}"
     finally:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for vm in (source, target):
+            (ARTIFACTS / f"vm_serial_{vm.node}.log").write_text(vm.serial_text())
         source.quit()
         target.quit()
         for node in attached:

@@ -14,7 +14,8 @@ import struct
 import sys
 
 SECTOR = 512
-DATA_LBA = 64  # the constants of guest.asm
+KEEP_LBA = 128  # the constants of guest.asm: the region written once at boot (generation 0) ...
+DATA_LBA = 64  # ... and the one rewritten every generation
 COUNT = 64
 MAGIC = b"BRTH"
 M32 = 0xFFFFFFFF
@@ -29,22 +30,22 @@ def pattern(lba: int, gen: int) -> bytes:
     return MAGIC + struct.pack("<2I125I", lba, gen, *words)
 
 
-def sector_generations(data: bytes) -> list[int | None]:
-    """The generation each data sector holds intact, None where its content is not a valid pattern."""
+def sector_generations(data: bytes, first_lba: int = DATA_LBA) -> list[int | None]:
+    """The generation each sector of a region holds intact, None where its content is not a valid pattern."""
     gens: list[int | None] = []
     for i in range(COUNT):
         sector = data[i * SECTOR : (i + 1) * SECTOR]
         lba, gen = struct.unpack_from("<2I", sector, 4)
-        gens.append(gen if lba == DATA_LBA + i and sector == pattern(lba, gen) else None)
+        gens.append(gen if lba == first_lba + i and sector == pattern(lba, gen) else None)
     return gens
 
 
-def read_direct(path: str) -> bytes:
+def read_direct(path: str, first_lba: int = DATA_LBA) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, COUNT * SECTOR)  # page aligned, as O_DIRECT wants
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-            f.seek(DATA_LBA * SECTOR)
+            f.seek(first_lba * SECTOR)
             f.readinto(buf)
         return bytes(buf)
     finally:
@@ -69,4 +70,5 @@ def parse_serial(text: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps({"generations": sector_generations(read_direct(sys.argv[1]))}))
+    regions = {"data": DATA_LBA, "keep": KEEP_LBA}
+    print(json.dumps({name: sector_generations(read_direct(sys.argv[1], lba), lba) for name, lba in regions.items()}))
