@@ -146,7 +146,7 @@ class LvmBackend:
 
         required_bytes 0 means "no size asked": a clone takes its source's size, a new volume default_bytes.
         """
-        lv = volume_lv_name(name)
+        lv = volume_lv_name(self.name, name)
         meta = {
             meta_keys.KEY_NAME: name,
             meta_keys.KEY_KIND: KIND_VOLUME,
@@ -291,7 +291,7 @@ class LvmBackend:
     # --- snapshots ---
 
     def create_snapshot(self, name: str, source_lv: str) -> Snapshot:
-        lv = snapshot_lv_name(name)
+        lv = snapshot_lv_name(self.name, name)
         meta = {
             meta_keys.KEY_NAME: name,
             meta_keys.KEY_KIND: KIND_SNAPSHOT,

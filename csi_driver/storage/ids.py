@@ -1,7 +1,7 @@
 """Every name Berth derives on the storage host, in one place.
 
-LV names are a pure function of the CSI request name, so a retried CreateVolume lands on the same
-LV (idempotency) without the controller keeping any database.
+LV names are a pure function of the backend and the CSI request name, so a retried CreateVolume lands on the same
+LV (idempotency) without the controller keeping any database, and backends sharing a volume group never collide.
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ _NAA_RE = re.compile(r"^naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?$")
 LIO_NAA_PREFIX = "6001405"
 
 
-def _digest(csi_name: str) -> str:
+def _digest(backend: str, csi_name: str) -> str:
     if not csi_name:
         raise InvalidRequest("name must not be empty")
-    return hashlib.sha256(csi_name.encode("utf-8")).hexdigest()[:NAME_HASH_HEX]
+    return hashlib.sha256(f"{backend}\0{csi_name}".encode()).hexdigest()[:NAME_HASH_HEX]
 
 
-def volume_lv_name(csi_name: str) -> str:
-    """LV name for a CreateVolume request name."""
-    return VOLUME_PREFIX + _digest(csi_name)
+def volume_lv_name(backend: str, csi_name: str) -> str:
+    """LV name for a CreateVolume request name in `backend`."""
+    return VOLUME_PREFIX + _digest(backend, csi_name)
 
 
-def snapshot_lv_name(csi_name: str) -> str:
-    """LV name for a CreateSnapshot request name."""
-    return SNAPSHOT_PREFIX + _digest(csi_name)
+def snapshot_lv_name(backend: str, csi_name: str) -> str:
+    """LV name for a CreateSnapshot request name in `backend`."""
+    return SNAPSHOT_PREFIX + _digest(backend, csi_name)
 
 
 def is_berth_lv(lv_name: str) -> bool:

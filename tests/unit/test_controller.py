@@ -325,3 +325,6 @@ def test_backends_sharing_one_pool_see_only_their_own_volumes(tmp_path):
         files.get_volume(volume.lv)
     files.delete_volume(volume.lv)  # another backend's ID: nothing of ours, nothing removed
     assert blk.get_volume(volume.lv)
+    same_name = files.create_volume("pvc-1", GiB, 0, {}, None)
+    assert same_name.lv != volume.lv, "one CSI name in two backends on one pool: two volumes, no collision"
+    assert files.create_snapshot("snap-1", same_name.lv).lv != blk.list_snapshots()[0].lv

@@ -5,25 +5,26 @@ from csi_driver.storage.errors import InvalidRequest
 
 
 def test_lv_names_are_deterministic_and_distinct():
-    a = ids.volume_lv_name("pvc-1")
-    assert a == ids.volume_lv_name("pvc-1")
-    assert a != ids.volume_lv_name("pvc-2")
+    a = ids.volume_lv_name("blk", "pvc-1")
+    assert a == ids.volume_lv_name("blk", "pvc-1")
+    assert a != ids.volume_lv_name("blk", "pvc-2")
+    assert a != ids.volume_lv_name("files", "pvc-1"), "backends sharing a volume group must not collide"
     assert a.startswith("vol-") and len(a) == 4 + ids.NAME_HASH_HEX
-    assert ids.snapshot_lv_name("pvc-1").startswith("snap-")
-    assert ids.is_berth_lv(a) and ids.is_berth_lv(ids.snapshot_lv_name("x"))
+    assert ids.snapshot_lv_name("blk", "pvc-1").startswith("snap-")
+    assert ids.is_berth_lv(a) and ids.is_berth_lv(ids.snapshot_lv_name("blk", "x"))
     assert not ids.is_berth_lv("root")
     ids.check_lv_name(a)
 
 
 def test_lv_name_of_hostile_or_unicode_name_is_safe():
     for name in ["a b", "$(reboot)", "名前", "x" * 300]:
-        lv = ids.volume_lv_name(name)
+        lv = ids.volume_lv_name("blk", name)
         assert ids.check_lv_name(lv) == lv
 
 
 def test_empty_name_rejected():
     with pytest.raises(InvalidRequest):
-        ids.volume_lv_name("")
+        ids.volume_lv_name("blk", "")
 
 
 @pytest.mark.parametrize("bad", ["", "-x", "a b", "a/b", "snapshot1", "..", "x" * 128, "a;b"])

@@ -16,7 +16,7 @@ from csi_driver.storage.runner import LocalRunner
 from .fakes import FakeRunner
 
 PREFIX = "iqn.2026-11.io.berth"
-VOL = ids.volume_lv_name("pvc-1")
+VOL = ids.volume_lv_name("blk", "pvc-1")
 DEV = f"/dev/berth/{VOL}"
 NODE = "iqn.1993-08.org.debian:01:node1"
 
