@@ -73,8 +73,8 @@ class Snapshot:
     created: datetime
 
 
-# mkfs refuses smaller devices: xfsprogs 5.19+ needs 300 MB. ext4 has no practical minimum here.
-FILESYSTEM_MINIMUM_BYTES = {"xfs": 300 * 1000 * 1000}
+# mkfs refuses smaller devices: xfsprogs 5.19+ needs 300 MiB ("300MB"). ext4 has no practical minimum here.
+FILESYSTEM_MINIMUM_BYTES = {"xfs": 300 << 20}
 
 
 def filesystem_minimum_bytes(fs_type: str) -> int:
@@ -166,7 +166,7 @@ class LvmBackend:
             if limit_bytes and limit_bytes < minimum:
                 raise InvalidRequest(
                     f"limit_bytes {limit_bytes} is below {minimum} bytes, the smallest volume this backend's "
-                    "filesystem can hold (xfs needs 300 MB; ext4 has no such minimum)"
+                    "filesystem can hold (xfs needs 300 MiB; ext4 has no such minimum)"
                 )
             size = self.pool.round_size(max(required_bytes, minimum))
             if limit_bytes and size > limit_bytes:

@@ -156,11 +156,11 @@ def test_clone_without_size_takes_the_source_size(controller):
 
 def test_xfs_volumes_are_at_least_the_xfs_minimum(controller):
     volume = create(controller, name="small-xfs", size=64 * MiB, fsType="xfs")
-    assert volume.capacity_bytes >= 300 * 1000 * 1000, "mkfs.xfs refuses anything smaller"
+    assert volume.capacity_bytes >= 300 << 20, "mkfs.xfs refuses anything smaller"
     code, message = status_of(controller.CreateVolume, csi_pb2.CreateVolumeRequest(
         name="tiny-xfs", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB, limit_bytes=100 * MiB),
         volume_capabilities=[capability()], parameters={"fsType": "xfs"}))  # fmt: skip
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "xfs needs 300 MB" in message
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "xfs needs 300 MiB" in message
     assert create(controller, name="small-ext4", size=64 * MiB, fsType="ext4").capacity_bytes == 64 * MiB
 
 

@@ -255,5 +255,5 @@ def test_whole_life_cycle_on_the_simulated_host(tmp_path: Path):
 
 
 def test_minimum_size_follows_the_backend_filesystem():
-    assert NfsExporter(FakeRunner(), "198.18.0.2").minimum_bytes({}) == 300 * 1000 * 1000
+    assert NfsExporter(FakeRunner(), "198.18.0.2").minimum_bytes({}) == 300 << 20
     assert NfsExporter(FakeRunner(), "198.18.0.2", filesystem="ext4").minimum_bytes({"fsType": "xfs"}) == 0
