@@ -14,7 +14,17 @@ from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from . import tags as meta_keys
-from .errors import AlreadyExists, CapacityExhausted, InUse, InvalidRequest, NotFound
+from .errors import (
+    AlreadyExists,
+    Busy,
+    CapacityExhausted,
+    CommandTimeout,
+    HostUnreachable,
+    InUse,
+    InvalidRequest,
+    NotFound,
+    StorageError,
+)
 from .ids import snapshot_lv_name, volume_lv_name
 from .lvm import LvInfo, ThinPool
 
@@ -26,6 +36,8 @@ KIND_SNAPSHOT = "snapshot"
 KEY_BACKEND = "backend"
 # Metadata key prefix of a publication: pub.<node id> = "ro" | "rw".
 PUBLISHED_PREFIX = "pub."
+# Failures a retry may get past; a volume that hit one stays half-made for the retry to finish.
+TRANSIENT_ERRORS = (Busy, CommandTimeout, HostUnreachable)
 
 
 @dataclass(frozen=True)
@@ -187,9 +199,24 @@ class LvmBackend:
                 existing = self.pool.clone(self._source_lv(source), lv, size, creating)
         if existing.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
             # A fresh LV, or one a crashed earlier attempt left half-made: finish it.
-            self.exporter.prepare(existing, fresh=source is None)
+            try:
+                self.exporter.prepare(existing, fresh=source is None)
+            except StorageError as err:
+                if not isinstance(err, TRANSIENT_ERRORS):
+                    self._discard_unfinished(existing, err)
+                raise
             existing = self.pool.update_meta(lv, {meta_keys.KEY_STATE: meta_keys.STATE_READY})
         return self._volume(existing)
+
+    def _discard_unfinished(self, info: LvInfo, cause: Exception) -> None:
+        """A volume that failed to finish was never handed out: remove it now, so that a CO that gives up
+        (PVC deleted) leaks nothing. A transient failure keeps it for the retry to finish instead."""
+        log.warning("removing a volume that could not be finished", extra={"lv": info.name, "error": str(cause)})
+        try:
+            self.exporter.teardown(info)
+            self.pool.remove(info.name)
+        except StorageError as err:
+            log.error("could not remove the unfinished volume", extra={"lv": info.name, "error": str(err)})
 
     def _source_lv(self, source: ContentSource) -> str:
         info = self.pool.find(source.lv)

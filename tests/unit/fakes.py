@@ -98,6 +98,7 @@ class FakeExporter:
         self.acls: dict[str, dict[str, bool]] = {}
         self.prepared: list[str] = []
         self.frozen: list[str] = []
+        self.prepare_error: Exception | None = None
 
     def volume_context(self, lv: str) -> dict[str, str]:
         return {"wwn": f"wwn-{lv}"} if self.protocol == "iscsi" else {"nfsServer": "198.18.0.1", "nfsExport": lv}
@@ -106,6 +107,8 @@ class FakeExporter:
         return filesystem_minimum_bytes(parameters.get("fsType", ""))
 
     def prepare(self, lv: LvInfo, fresh: bool) -> None:
+        if self.prepare_error is not None:
+            raise self.prepare_error
         self.prepared.append(lv.name)
 
     def publish(self, lv: LvInfo, node, readonly: bool, secrets) -> dict[str, str]:

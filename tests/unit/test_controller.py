@@ -11,6 +11,7 @@ from csi_driver.server.grpc_server import CsiServer, ServerOptions
 from csi_driver.services.controller import ControllerService
 from csi_driver.services.errors import OperationLocks, RpcError
 from csi_driver.storage.backend import LvmBackend
+from csi_driver.storage.errors import CommandFailed, HostUnreachable
 from tests.unit.fakes import FakeExporter, FakeThinPool, GiB, MiB
 
 Cap = csi_pb2.VolumeCapability
@@ -328,3 +329,20 @@ def test_backends_sharing_one_pool_see_only_their_own_volumes(tmp_path):
     same_name = files.create_volume("pvc-1", GiB, 0, {}, None)
     assert same_name.lv != volume.lv, "one CSI name in two backends on one pool: two volumes, no collision"
     assert files.create_snapshot("snap-1", same_name.lv).lv != blk.list_snapshots()[0].lv
+
+
+def test_a_volume_that_cannot_be_finished_is_removed_not_leaked():
+    pool, exporter = FakeThinPool(), FakeExporter("nfs")
+    backend = LvmBackend("files", pool, exporter)
+    exporter.prepare_error = CommandFailed(["mkfs.xfs", "/dev/berth/x"], 1, "Filesystem must be larger than 300MB.")
+    with pytest.raises(CommandFailed):
+        backend.create_volume("pvc-1", GiB, 0, {}, None)
+    assert pool.list({}) == [], "a permanent failure leaves no half-made LV behind"
+
+    exporter.prepare_error = HostUnreachable("ssh: connect to host 198.18.0.1: Connection refused")
+    with pytest.raises(HostUnreachable):
+        backend.create_volume("pvc-1", GiB, 0, {}, None)
+    assert [lv.meta["state"] for lv in pool.list({})] == ["creating"], "kept for the retry to finish"
+    exporter.prepare_error = None
+    assert backend.create_volume("pvc-1", GiB, 0, {}, None).size_bytes == GiB
+    assert [lv.meta["state"] for lv in pool.list({})] == ["ready"]
