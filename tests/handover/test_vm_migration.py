@@ -53,7 +53,7 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         for node in ("node1", "node2"):
             disk[node] = attach(berth, volume, node, rwx)
             attached.append(node)
-        t = mark("attach both nodes", t)
+            t = mark(f"attach {node} (ControllerPublish, NodeStage, NodePublish)", t)
         install_guest(lab, "node1", disk["node1"])
 
         t = mark("write the boot sector", t)
@@ -82,7 +82,7 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         failures = detach(berth, volume, "node1")
         attached.remove("node1")
         assert not failures, failures
-        t = mark("node1 lets the volume go", t)
+        t = mark("detach node1 (NodeUnpublish, NodeUnstage, ControllerUnpublish)", t)
         now = target.serial()["generations"][-1]
         later = target.wait(now + 3)
         assert not later["errors"] and later["alive"], later
