@@ -1,12 +1,12 @@
 #!/bin/sh
 # CI setup for the storage lab: host packages, then build (or reuse) the cached guest image.
-# Run from anywhere; `.ci/run` calls this and then `pytest -m lab tests/lab`.
+# Run from anywhere; scripts/setup calls this (nasm: the hand-over VM guest is assembled on the host too).
 set -eu
 cd "$(dirname "$0")/.."
 
 need=""
 for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mmdebstrap:mmdebstrap \
-            ssh:openssh-client ssh-keygen:openssh-client mkfs.ext4:e2fsprogs; do
+            ssh:openssh-client ssh-keygen:openssh-client mkfs.ext4:e2fsprogs nasm:nasm; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need="$need ${pair#*:}"
 done
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx switch_root || need="$need busybox-static"
