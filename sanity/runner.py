@@ -12,9 +12,12 @@ import shlex
 import time
 from dataclasses import dataclass
 
+import yaml
+
 from lab import config as lab_config
 from lab.topology import Lab
 
+REPO = lab_config.REPO
 SRC = lab_config.GUEST_SRC
 PYTHON = f"{lab_config.GUEST_VENV}/bin/python"
 SOCKET = "/run/berth/csi.sock"
@@ -38,7 +41,7 @@ PROFILES = {
     "iscsi-block": [
         f"--csi.testvolumesize={64 * MiB}",
         "--csi.testvolumeaccesstype=block",
-        f"--csi.testvolumeparameters={SRC}/sanity/iscsi.yaml",
+        f"--csi.testvolumeparameters={SRC}/sanity/iscsi-block.yaml",
     ],
     "nfs": [
         f"--csi.testvolumesize={512 * MiB}",
@@ -47,6 +50,8 @@ PROFILES = {
     ],
 }
 NOT_OFFERED = r"^GroupController |^ModifyVolume |volume attribute class"
+# The backend each profile's parameter file names (sanity/*.yaml).
+PROFILE_BACKENDS = {"iscsi-mount": "lab-iscsi", "iscsi-block": "lab-iscsi-block", "nfs": "lab-nfs"}
 SUMMARY = re.compile(r"(SUCCESS|FAIL)! -- (\d+) Passed \| (\d+) Failed \| (\d+) Pending \| (\d+) Skipped")
 
 
@@ -76,11 +81,25 @@ class SanityResult:
         return [s for s in self.skipped_specs() if not re.search(NOT_OFFERED, s)]
 
 
-def start_berth(lab: Lab, node: str, mode: str = "all", extra: str = "") -> None:
+def lab_config_text(only_backend: str | None = None) -> str:
+    """sanity/berth-lab.yaml, or a copy serving only `only_backend` (ListVolumes has no parameters, so a controller
+    lists every backend it serves: profiles running at once must not see each other's volumes)."""
+    text = (REPO / "sanity" / "berth-lab.yaml").read_text()
+    if only_backend is None:
+        return text
+    config = yaml.safe_load(text)
+    config["backends"] = {only_backend: config["backends"][only_backend]}
+    config["default_backend"] = only_backend
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def start_berth(lab: Lab, node: str, mode: str = "all", extra: str = "", only_backend: str | None = None) -> None:
     """(Re)start Berth as a transient systemd unit on `node`; its log is `journalctl -u berth`."""
     lab.run(node, "systemctl stop berth.service 2>/dev/null; systemctl reset-failed berth.service 2>/dev/null; true")
     lab.run(node, "systemctl unmask multipathd.service multipathd.socket 2>/dev/null; systemctl start multipathd")
-    lab.run(node, f"mkdir -p /etc/berth /var/lib/berth && cp {SRC}/sanity/berth-lab.yaml /etc/berth/config.yaml")
+    lab.run(
+        node, "mkdir -p /etc/berth /var/lib/berth && cat > /etc/berth/config.yaml", input=lab_config_text(only_backend)
+    )
     argv = [
         PYTHON, "-m", "csi_driver", "--mode", mode, "--endpoint", f"unix://{SOCKET}",
         "--config", "/etc/berth/config.yaml", "--log-format", "json", "--log-level", "debug", *shlex.split(extra),
@@ -112,7 +131,7 @@ def run_sanity(lab: Lab, profile: str, node: str = "node1", focus: str = "", tim
     flags = [*COMMON_FLAGS, *PROFILES[profile]]
     if focus:
         flags.append(f"--ginkgo.focus={focus}")
-    start_berth(lab, node)
+    start_berth(lab, node, only_backend=PROFILE_BACKENDS[profile])
     started = time.monotonic()
     try:
         # Leftovers of an interrupted run make sanity's mkdir fail.
