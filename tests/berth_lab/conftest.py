@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +12,7 @@ from lab.topology import Lab
 from sanity.runner import csicall, start_berth, stop_berth
 
 MiB = 1 << 20
+GiB = 1 << 30
 
 
 @dataclass
@@ -35,14 +38,31 @@ class Berth:
         assert answer.ok, f"{rpc} on {node}: {answer.body}"
         return answer.body
 
-    def create(self, name: str, size: int, capability: dict, **parameters: str) -> dict:
+    def create(
+        self,
+        name: str,
+        size: int,
+        capability: dict,
+        backend: str = "lab-iscsi",
+        source: dict | None = None,
+        **parameters: str,
+    ) -> dict:
+        """source: a CSI volume_content_source, e.g. {"snapshot": {"snapshot_id": ...}} (a clone)."""
         request = {
             "name": name,
             "capacity_range": {"required_bytes": str(size)},
             "volume_capabilities": [capability],
-            "parameters": {"backend": "lab-iscsi", **parameters},
+            "parameters": {"backend": backend, **parameters},
+            **({"volume_content_source": source} if source else {}),
         }
         return self.must("node1", "Controller.CreateVolume", request)["volume"]
+
+    def snapshot(self, name: str, volume: dict) -> str:
+        request = {"name": name, "source_volume_id": volume["volume_id"]}
+        return self.must("node1", "Controller.CreateSnapshot", request)["snapshot"]["snapshot_id"]
+
+    def delete_snapshot(self, snapshot_id: str) -> Answer:
+        return self.call("node1", "Controller.DeleteSnapshot", {"snapshot_id": snapshot_id})
 
     def publish(self, volume: dict, node: str, capability: dict, secrets: dict | None = None) -> Answer:
         return self.call("node1", "Controller.ControllerPublishVolume",
@@ -63,6 +83,32 @@ class Berth:
         return self.call("node1", "Controller.ControllerUnpublishVolume",
                          {"volume_id": volume["volume_id"], "node_id": self.node_ids[node]})  # fmt: skip
 
+    def node_publish(self, volume: dict, node: str, capability: dict, context: dict) -> Answer:
+        return self.call(node, "Node.NodePublishVolume",
+                         {"volume_id": volume["volume_id"], "staging_target_path": staging_path(volume),
+                          "target_path": target_path(volume), "volume_capability": capability,
+                          "publish_context": context, "volume_context": volume.get("volume_context", {})})  # fmt: skip
+
+    def node_unpublish(self, volume: dict, node: str) -> Answer:
+        return self.call(node, "Node.NodeUnpublishVolume",
+                         {"volume_id": volume["volume_id"], "target_path": target_path(volume)})  # fmt: skip
+
+    def attach(self, volume: dict, node: str, capability: dict) -> dict:
+        """What a CO does before a pod starts: ControllerPublish, NodeStage, NodePublish. Returns publish_context."""
+        published = self.publish(volume, node, capability)
+        assert published.ok, f"ControllerPublish to {node}: {published.body}"
+        context = published.body.get("publish_context", {})
+        for step in (self.stage, self.node_publish):
+            answer = step(volume, node, capability, context)
+            assert answer.ok, f"{step.__name__} on {node}: {answer.body}"
+        return context
+
+    def detach(self, volume: dict, node: str) -> None:
+        """The reverse of attach; best effort (for finally blocks): every step is idempotent."""
+        self.node_unpublish(volume, node)
+        self.unstage(volume, node)
+        self.unpublish(volume, node)
+
     def delete(self, volume: dict) -> None:
         self.must("node1", "Controller.DeleteVolume", {"volume_id": volume["volume_id"]})
 
@@ -71,8 +117,22 @@ def staging_path(volume: dict) -> str:
     return "/var/lib/berth-test/staging/" + volume["volume_id"].replace("/", "_")
 
 
+def target_path(volume: dict) -> str:
+    return "/var/lib/berth-test/target/" + volume["volume_id"].replace("/", "_")
+
+
 def block(mode: str = "SINGLE_NODE_WRITER") -> dict:
     return {"block": {}, "access_mode": {"mode": mode}}
+
+
+def mount(mode: str = "SINGLE_NODE_WRITER", *flags: str) -> dict:
+    return {"mount": {"mount_flags": list(flags)}, "access_mode": {"mode": mode}}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")

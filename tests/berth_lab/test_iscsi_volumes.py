@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.berth_lab.conftest import MiB, block
+from tests.berth_lab.conftest import GiB, MiB, block, timed
 
 pytestmark = pytest.mark.lab
-GiB = 1 << 30
 
 
 def target_login(lab, node: str, iqn: str) -> int:
@@ -85,12 +82,6 @@ def staged_device(lab, volume: dict) -> str:
     from sanity.runner import PYTHON
 
     return lab.run("node1", f'{PYTHON} -c "{script}" {volume["volume_id"]}').stdout.strip()
-
-
-def timed(fn) -> float:
-    started = time.monotonic()
-    fn()
-    return time.monotonic() - started
 
 
 def test_snapshot_and_clone_cost_does_not_grow_with_data(lab, berth):
