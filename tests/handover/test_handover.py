@@ -16,6 +16,7 @@ import pytest
 from lab import config as lab_config
 from lab.topology import Lab
 from tests.berth_lab.conftest import Berth, MiB, block, staging_path
+from tests.handover import vm_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.handover]
 
@@ -28,10 +29,6 @@ def rwx_file() -> dict:
     return {"mount": {}, "access_mode": {"mode": RWX}}
 
 
-def target_path(volume: dict) -> str:
-    return "/var/lib/berth-test/publish/" + volume["volume_id"].replace("/", "_")
-
-
 @dataclass
 class Attached:
     """The volume staged and published on one node, as a VM pod would have it."""
@@ -40,27 +37,14 @@ class Attached:
     path: str  # the block device file, or the disk.img on the published NFS directory
 
 
-def attach(lab: Lab, berth: Berth, volume: dict, node: str, cap: dict) -> Attached:
-    published = berth.publish(volume, node, cap)
-    assert published.ok, published.body
-    context = published.body.get("publish_context", {})
-    staged = berth.stage(volume, node, cap, context)
-    assert staged.ok, staged.body
-    lab.run(node, "mkdir -p /var/lib/berth-test/publish")
-    berth.must(node, "Node.NodePublishVolume", {
-        "volume_id": volume["volume_id"], "staging_target_path": staging_path(volume),
-        "target_path": target_path(volume), "volume_capability": cap, "publish_context": context,
-        "volume_context": volume.get("volume_context", {}),
-    })  # fmt: skip
-    path = target_path(volume)
-    return Attached(node, path if "block" in cap else f"{path}/disk.img")
+def attach(berth: Berth, volume: dict, node: str, cap: dict) -> Attached:
+    target = vm_lab.attach(berth, volume, node, cap)
+    return Attached(node, target if "block" in cap else f"{target}/disk.img")
 
 
 def detach(berth: Berth, volume: dict, node: str) -> None:
-    """Node then controller teardown; each step must succeed (also when repeated: cleanup calls it again)."""
-    berth.must(node, "Node.NodeUnpublishVolume", {"volume_id": volume["volume_id"], "target_path": target_path(volume)})
-    assert berth.unstage(volume, node).ok
-    assert berth.unpublish(volume, node).ok
+    """Node then controller teardown; every step must succeed (cleanup repeats it: each is idempotent)."""
+    assert vm_lab.detach(berth, volume, node) == []
 
 
 class Writer:
@@ -113,7 +97,7 @@ def verify(lab: Lab, attached: Attached, last: int, first: int = 0) -> dict:
 def hand_over(lab: Lab, berth: Berth, volume: dict, cap: dict, prepare=None) -> dict:
     """node1 writes, node2 attaches meanwhile, node1 stops, node2 verifies and continues through node1's
     teardown. Returns the report; asserts that every acknowledged write is read back intact."""
-    source = attach(lab, berth, volume, "node1", cap)
+    source = attach(berth, volume, "node1", cap)
     target = None
     try:
         if prepare:
@@ -121,7 +105,7 @@ def hand_over(lab: Lab, berth: Berth, volume: dict, cap: dict, prepare=None) -> 
         writer_a = Writer(lab, source, first=0, tag="a")
         writer_a.wait_for_acks(50)
         attach_started = time.monotonic()
-        target = attach(lab, berth, volume, "node2", cap)
+        target = attach(berth, volume, "node2", cap)
         attach_seconds = time.monotonic() - attach_started
         during_attach = len(writer_a.acks())
         writer_a.wait_for_acks(during_attach + 20)  # the source keeps writing with the target attached
@@ -161,10 +145,7 @@ def hand_over(lab: Lab, berth: Berth, volume: dict, cap: dict, prepare=None) -> 
         for attached in (source, target):
             if attached is not None:
                 lab.run(attached.node, "touch /tmp/handover-a.stop /tmp/handover-b.stop", check=False)
-                berth.call(attached.node, "Node.NodeUnpublishVolume",
-                           {"volume_id": volume["volume_id"], "target_path": target_path(volume)})  # fmt: skip
-                berth.unstage(volume, attached.node)
-                berth.unpublish(volume, attached.node)
+                vm_lab.detach(berth, volume, attached.node)
 
 
 def test_raw_block_rwx_iscsi_handover(lab, berth):
@@ -199,13 +180,13 @@ def test_expansion_while_published_on_both_nodes(lab, berth, kind, size, grown_s
     volume = berth.create(f"handover-grow-{kind}", size, cap, backend=backend)
     attached: list[Attached] = []
     try:
-        attached = [attach(lab, berth, volume, node, cap) for node in ("node1", "node2")]
+        attached = [attach(berth, volume, node, cap) for node in ("node1", "node2")]
         grown = berth.must("node1", "Controller.ControllerExpandVolume",
                            {"volume_id": volume["volume_id"], "capacity_range": {"required_bytes": str(grown_size)},
                             "volume_capability": cap})  # fmt: skip
         assert int(grown["capacity_bytes"]) == grown_size
         for a in attached:
-            published = target_path(volume)
+            published = vm_lab.publish_path(volume)
             berth.must(a.node, "Node.NodeExpandVolume", {
                 "volume_id": volume["volume_id"], "volume_path": published, "staging_target_path":
                 staging_path(volume), "capacity_range": {"required_bytes": str(grown_size)}, "volume_capability": cap,
@@ -218,8 +199,5 @@ def test_expansion_while_published_on_both_nodes(lab, berth, kind, size, grown_s
             assert seen > size, f"{a.node} sees {seen} bytes after growing from {size} to {grown_size}"
     finally:
         for a in attached:
-            berth.call(a.node, "Node.NodeUnpublishVolume",
-                       {"volume_id": volume["volume_id"], "target_path": target_path(volume)})  # fmt: skip
-            berth.unstage(volume, a.node)
-            berth.unpublish(volume, a.node)
+            vm_lab.detach(berth, volume, a.node)
         berth.delete(volume)

@@ -1,4 +1,4 @@
-"""Lab helpers of the VM live-migration test: attach a Berth volume to a node, run the tiny VM there (vm/vmctl.py)."""
+"""Hand-over test helpers: attach a Berth volume to a node as a VM pod would, run the tiny VM (vm/vmctl.py)."""
 
 from __future__ import annotations
 
