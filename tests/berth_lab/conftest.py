@@ -103,11 +103,15 @@ class Berth:
             assert answer.ok, f"{step.__name__} on {node}: {answer.body}"
         return context
 
-    def detach(self, volume: dict, node: str) -> None:
-        """The reverse of attach; best effort (for finally blocks): every step is idempotent."""
-        self.node_unpublish(volume, node)
-        self.unstage(volume, node)
-        self.unpublish(volume, node)
+    def detach(self, volume: dict, node: str) -> list[str]:
+        """The reverse of attach. Runs every step (each is idempotent, so finally blocks may repeat it) and
+        returns the failed ones, empty when all succeeded."""
+        failures = []
+        for step in (self.node_unpublish, self.unstage, self.unpublish):
+            answer = step(volume, node)
+            if not answer.ok:
+                failures.append(f"{step.__name__} on {node}: {answer.body}")
+        return failures
 
     def delete(self, volume: dict) -> None:
         self.must("node1", "Controller.DeleteVolume", {"volume_id": volume["volume_id"]})

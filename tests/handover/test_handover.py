@@ -15,8 +15,7 @@ import pytest
 
 from lab import config as lab_config
 from lab.topology import Lab
-from tests.berth_lab.conftest import Berth, MiB, block, staging_path
-from tests.handover import vm_lab
+from tests.berth_lab.conftest import Berth, MiB, block, staging_path, target_path
 
 pytestmark = [pytest.mark.lab, pytest.mark.handover]
 
@@ -38,13 +37,9 @@ class Attached:
 
 
 def attach(berth: Berth, volume: dict, node: str, cap: dict) -> Attached:
-    target = vm_lab.attach(berth, volume, node, cap)
+    berth.attach(volume, node, cap)
+    target = target_path(volume)
     return Attached(node, target if "block" in cap else f"{target}/disk.img")
-
-
-def detach(berth: Berth, volume: dict, node: str) -> None:
-    """Node then controller teardown; every step must succeed (cleanup repeats it: each is idempotent)."""
-    assert vm_lab.detach(berth, volume, node) == []
 
 
 class Writer:
@@ -120,7 +115,7 @@ def hand_over(lab: Lab, berth: Berth, volume: dict, cap: dict, prepare=None) -> 
         gap = time.monotonic() - stopped
 
         teardown_started = time.monotonic()
-        detach(berth, volume, "node1")
+        assert berth.detach(volume, "node1") == []
         teardown_seconds = time.monotonic() - teardown_started
         acks_at_teardown_end = len(writer_b.acks())
         writer_b.wait_for_acks(acks_at_teardown_end + 20)  # still writing after the source is gone
@@ -145,7 +140,7 @@ def hand_over(lab: Lab, berth: Berth, volume: dict, cap: dict, prepare=None) -> 
         for attached in (source, target):
             if attached is not None:
                 lab.run(attached.node, "touch /tmp/handover-a.stop /tmp/handover-b.stop", check=False)
-                vm_lab.detach(berth, volume, attached.node)
+                berth.detach(volume, attached.node)
 
 
 def test_raw_block_rwx_iscsi_handover(lab, berth):
@@ -186,7 +181,7 @@ def test_expansion_while_published_on_both_nodes(lab, berth, kind, size, grown_s
                             "volume_capability": cap})  # fmt: skip
         assert int(grown["capacity_bytes"]) == grown_size
         for a in attached:
-            published = vm_lab.publish_path(volume)
+            published = target_path(volume)
             berth.must(a.node, "Node.NodeExpandVolume", {
                 "volume_id": volume["volume_id"], "volume_path": published, "staging_target_path":
                 staging_path(volume), "capacity_range": {"required_bytes": str(grown_size)}, "volume_capability": cap,
@@ -199,5 +194,5 @@ def test_expansion_while_published_on_both_nodes(lab, berth, kind, size, grown_s
             assert seen > size, f"{a.node} sees {seen} bytes after growing from {size} to {grown_size}"
     finally:
         for a in attached:
-            vm_lab.detach(berth, volume, a.node)
+            berth.detach(volume, a.node)
         berth.delete(volume)

@@ -20,9 +20,9 @@ import pytest
 
 from lab.config import REPO
 from sanity.runner import SRC
-from tests.berth_lab.conftest import MiB, block
+from tests.berth_lab.conftest import MiB, block, target_path
 from tests.handover.vm.pattern import parse_serial
-from tests.handover.vm_lab import VM, attach, detach, install_guest
+from tests.handover.vm_lab import VM, install_guest
 
 pytestmark = [pytest.mark.lab, pytest.mark.handover]
 PORT = 4444
@@ -51,7 +51,8 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         t = time.monotonic()
         disk = {}
         for node in ("node1", "node2"):
-            disk[node] = attach(berth, volume, node, rwx)
+            berth.attach(volume, node, rwx)
+            disk[node] = target_path(volume)
             attached.append(node)
             t = mark(f"attach {node} (ControllerPublish, NodeStage, NodePublish)", t)
         install_guest(lab, "node1", disk["node1"])
@@ -79,7 +80,7 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         t = mark("3 generations on node2", t)
 
         source.quit()
-        failures = detach(berth, volume, "node1")
+        failures = berth.detach(volume, "node1")
         attached.remove("node1")
         assert not failures, failures
         t = mark("detach node1 (NodeUnpublish, NodeUnstage, ControllerUnpublish)", t)
@@ -118,5 +119,5 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         source.quit()
         target.quit()
         for node in attached:
-            detach(berth, volume, node)
+            berth.detach(volume, node)
         berth.delete(volume)

@@ -1,4 +1,4 @@
-"""Hand-over test helpers: attach a Berth volume to a node as a VM pod would, run the tiny VM (vm/vmctl.py)."""
+"""The tiny VM (vm/guest.asm) under QEMU on a lab node, driven through vm/vmctl.py."""
 
 from __future__ import annotations
 
@@ -8,44 +8,9 @@ from dataclasses import dataclass
 
 from lab.topology import Lab
 from sanity.runner import SRC
-from tests.berth_lab.conftest import Berth, staging_path
 
 VMCTL = f"python3 {SRC}/tests/handover/vm/vmctl.py"
 GUEST_ASM = f"{SRC}/tests/handover/vm/guest.asm"
-
-
-def publish_path(volume: dict) -> str:
-    return "/var/lib/berth-test/publish/" + volume["volume_id"].replace("/", "_")
-
-
-def attach(driver: Berth, volume: dict, node: str, capability: dict) -> str:
-    """ControllerPublish + NodeStage + NodePublish on `node`: the path a VM opens (a block device file)."""
-    published = driver.publish(volume, node, capability)
-    assert published.ok, f"ControllerPublishVolume {node}: {published.body}"
-    staged = driver.stage(volume, node, capability, published.body.get("publish_context", {}))
-    assert staged.ok, f"NodeStageVolume {node}: {staged.body}"
-    target = publish_path(volume)
-    driver.lab.run(node, "mkdir -p /var/lib/berth-test/publish")
-    driver.must(node, "Node.NodePublishVolume",
-                {"volume_id": volume["volume_id"], "staging_target_path": staging_path(volume),
-                 "target_path": target, "volume_capability": capability,
-                 "publish_context": published.body.get("publish_context", {}),
-                 "volume_context": volume.get("volume_context", {})})  # fmt: skip
-    return target
-
-
-def detach(driver: Berth, volume: dict, node: str) -> list[str]:
-    """NodeUnpublish + NodeUnstage + ControllerUnpublish; the failures (as text), empty when all succeeded."""
-    failures = []
-    for rpc, answer in (
-        ("NodeUnpublishVolume", driver.call(node, "Node.NodeUnpublishVolume",
-                                            {"volume_id": volume["volume_id"], "target_path": publish_path(volume)})),
-        ("NodeUnstageVolume", driver.unstage(volume, node)),
-        ("ControllerUnpublishVolume", driver.unpublish(volume, node)),
-    ):  # fmt: skip
-        if not answer.ok:
-            failures.append(f"{rpc} {node}: {answer.body}")
-    return failures
 
 
 @dataclass
