@@ -14,7 +14,7 @@ ACL_AUTH_ATTRIBUTE = True
 
 def reset() -> None:
     STATE.clear()
-    STATE.update(targets={}, storage={}, saves=[])
+    STATE.update(targets={}, storage={}, saves=[], dumps=[])
 
 
 reset()
@@ -78,6 +78,10 @@ class Target:
         for tpg in self.tpgs:
             tpg.delete()
         del STATE["targets"][self.wwn]
+
+    def dump(self):
+        STATE["dumps"].append(self.wwn)
+        return {"wwn": self.wwn, "fabric": "iscsi", "tpgs": repr(STATE["targets"][self.wwn]["tpgs"])}
 
 
 class TPG(_Node):
@@ -230,7 +234,16 @@ class BlockStorageObject(_Node):
     def delete(self):
         del STATE["storage"][self.name]
 
+    def dump(self):
+        STATE["dumps"].append(self.name)
+        return {"name": self.name, "plugin": "block", "dev": self._d["dev"], "wwn": self._d["wwn"]}
+
 
 class RTSRoot:
-    def save_to_file(self, save_file=None):
-        STATE["saves"].append(save_file)
+    def dump(self):
+        STATE["dumps"].append("everything")
+        return {
+            "fabric_modules": [],
+            "storage_objects": [BlockStorageObject(name).dump() for name in sorted(STATE["storage"])],
+            "targets": [t.dump() for t in _Fabric().targets],
+        }

@@ -35,20 +35,40 @@ def sent(runner: FakeRunner) -> dict:
 
 def test_export_sends_program_and_json_on_stdin():
     target = f"{PREFIX}:{VOL}"
-    r = answering({"target": target, "lun": 0, "serial": ids.volume_serial(VOL), "device": DEV,
-                   "portals": ["198.18.0.2:3260"], "changed": True})
+    r = answering(
+        {
+            "target": target,
+            "lun": 0,
+            "serial": ids.volume_serial(VOL),
+            "device": DEV,
+            "portals": ["198.18.0.2:3260"],
+            "changed": True,
+        }
+    )
     info = LioTargets(r, PREFIX).export(VOL, DEV, ["198.18.0.2:3260"])
     (call,) = r.calls
     assert call.argv == ["python3", "-c", host_program()]
     assert call.check is False
     req = sent(r)
     assert req["v"] == 1 and req["save"] is True
-    assert req["ops"] == [{"op": "export", "volume": VOL, "target": target, "device": DEV,
-                           "serial": ids.volume_serial(VOL), "portals": ["198.18.0.2:3260"]}]
+    assert req["ops"] == [
+        {
+            "op": "export",
+            "volume": VOL,
+            "target": target,
+            "device": DEV,
+            "serial": ids.volume_serial(VOL),
+            "portals": ["198.18.0.2:3260"],
+        }
+    ]
     assert info.target_iqn == target and info.lun == 0
     assert info.wwn == ids.naa_wwn(ids.volume_serial(VOL))
     assert info.publish_context(readonly=True) == {
-        "targetPortals": "198.18.0.2:3260", "targetIqn": target, "targetLun": "0", "readonly": "true"}
+        "targetPortals": "198.18.0.2:3260",
+        "targetIqn": target,
+        "targetLun": "0",
+        "readonly": "true",
+    }
 
 
 def test_host_program_is_the_module_and_fits_one_argument():
@@ -69,8 +89,12 @@ def test_chap_secrets_go_through_stdin_only():
     (call,) = r.calls
     assert not any("s3cret" in a for a in call.argv)
     op = sent(r)["ops"][0]
-    assert op["chap"] == {"user": "node1", "password": "s3cret-pass!", "mutual_user": "tgt",
-                          "mutual_password": "m-s3cret"}
+    assert op["chap"] == {
+        "user": "node1",
+        "password": "s3cret-pass!",
+        "mutual_user": "tgt",
+        "mutual_password": "m-s3cret",
+    }
     assert op["readonly"] is True and op["initiator"] == NODE
 
 
@@ -82,8 +106,14 @@ def test_ensure_published_is_one_process():
 
 
 @pytest.mark.parametrize(
-    "kind,cls", [("not_found", NotFound), ("conflict", AlreadyExists), ("invalid", InvalidRequest),
-                 ("unavailable", StorageError), ("internal", StorageError)]
+    "kind,cls",
+    [
+        ("not_found", NotFound),
+        ("conflict", AlreadyExists),
+        ("invalid", InvalidRequest),
+        ("unavailable", StorageError),
+        ("internal", StorageError),
+    ],
 )
 def test_host_errors_map_to_domain_errors(kind, cls):
     r = answering(ok=False, error={"kind": kind, "message": "went wrong", "op_index": 0})
@@ -117,10 +147,30 @@ def test_invalid_input_rejected_before_running():
 
 
 def test_list_exports_parses():
-    r = answering({"exports": [{"target": f"{PREFIX}:{VOL}", "volume": VOL, "device": DEV, "serial": "abc",
-                                "portals": ["198.18.0.2:3260"], "enabled": True,
-                                "initiators": [{"initiator": NODE, "mapped": True, "readonly": False,
-                                                "chap_user": None, "mutual_chap": False, "logged_in": True}]}]})
+    r = answering(
+        {
+            "exports": [
+                {
+                    "target": f"{PREFIX}:{VOL}",
+                    "volume": VOL,
+                    "device": DEV,
+                    "serial": "abc",
+                    "portals": ["198.18.0.2:3260"],
+                    "enabled": True,
+                    "initiators": [
+                        {
+                            "initiator": NODE,
+                            "mapped": True,
+                            "readonly": False,
+                            "chap_user": None,
+                            "mutual_chap": False,
+                            "logged_in": True,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
     (exp,) = LioTargets(r, PREFIX).list_exports()
     assert isinstance(exp, ExportInfo)
     assert exp.volume == VOL and exp.initiators[0].logged_in and exp.initiators[0].readonly is False
@@ -139,14 +189,20 @@ def test_persist_false_does_not_save():
 @pytest.fixture
 def host_env(tmp_path):
     shutil.copy(Path(__file__).with_name("fake_rtslib_fb.py"), tmp_path / "rtslib_fb.py")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), BERTH_LIO_LOCK=str(tmp_path / "lio.lock"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(tmp_path),
+        BERTH_LIO_LOCK=str(tmp_path / "lio.lock"),
+        BERTH_LIO_SAVE_FILE=str(tmp_path / "saveconfig.json"),
+    )
     return LocalRunner(env=env)
 
 
 def test_end_to_end_batch_in_one_process(host_env):
     lio = LioTargets(host_env, PREFIX, python=sys.executable)
-    info = lio.ensure_published(VOL, DEV, ["198.18.0.2", "[fd00::2]:3261"], NODE, readonly=True,
-                                chap=Chap("node1", "s3cret-pass!"))
+    info = lio.ensure_published(
+        VOL, DEV, ["198.18.0.2", "[fd00::2]:3261"], NODE, readonly=True, chap=Chap("node1", "s3cret-pass!")
+    )
     assert info.portals == ("198.18.0.2:3260", "[fd00::2]:3261")
     assert info.serial == ids.volume_serial(VOL)
     # Each process starts from an empty fake: state does not persist, but transport and parsing are real.

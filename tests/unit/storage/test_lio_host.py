@@ -20,8 +20,14 @@ NODE2 = "iqn.1993-08.org.debian:01:node2"
 
 
 def export_op(**kw):
-    op = {"op": "export", "volume": VOL, "target": T, "device": DEV, "serial": SERIAL,
-          "portals": ["198.18.0.2:3260", "198.18.1.2"]}
+    op = {
+        "op": "export",
+        "volume": VOL,
+        "target": T,
+        "device": DEV,
+        "serial": SERIAL,
+        "portals": ["198.18.0.2:3260", "198.18.1.2"],
+    }
     op.update(kw)
     return op
 
@@ -43,8 +49,19 @@ def test_module_is_self_contained():
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "no relative imports: the file runs alone on the host"
             imported.add((node.module or "").split(".")[0])
-    allowed = {"__future__", "contextlib", "fcntl", "ipaddress", "json", "os", "re", "sys",
-               "collections", "typing", "rtslib_fb"}
+    allowed = {
+        "__future__",
+        "contextlib",
+        "fcntl",
+        "ipaddress",
+        "json",
+        "os",
+        "re",
+        "sys",
+        "collections",
+        "typing",
+        "rtslib_fb",
+    }
     assert imported <= allowed, imported - allowed
 
 
@@ -66,8 +83,20 @@ def test_parse_portal(portal, expected):
 
 
 @pytest.mark.parametrize(
-    "portal", ["", "host.example:3260", "1.2.3.4:0", "1.2.3.4:70000", "1.2.3.4:x", "fd00::2", "[fd00::2", "[x]:1",
-               "1.2.3.4:3260;reboot", 3260, None]
+    "portal",
+    [
+        "",
+        "host.example:3260",
+        "1.2.3.4:0",
+        "1.2.3.4:70000",
+        "1.2.3.4:x",
+        "fd00::2",
+        "[fd00::2",
+        "[x]:1",
+        "1.2.3.4:3260;reboot",
+        3260,
+        None,
+    ],
 )
 def test_parse_portal_rejects(portal):
     with pytest.raises(lio_host.RequestError):
@@ -125,8 +154,14 @@ def test_chap_errors_never_echo_secrets():
 
 @pytest.mark.parametrize(
     "req",
-    [[], {"ops": [{"op": "save"}]}, {"v": 2, "ops": [{"op": "save"}]}, {"v": 1, "ops": []},
-     {"v": 1, "ops": [{"op": "save"}] * 300}, {"v": 1, "ops": [{"op": "save"}], "save": "yes"}],
+    [
+        [],
+        {"ops": [{"op": "save"}]},
+        {"v": 2, "ops": [{"op": "save"}]},
+        {"v": 1, "ops": []},
+        {"v": 1, "ops": [{"op": "save"}] * 300},
+        {"v": 1, "ops": [{"op": "save"}], "save": "yes"},
+    ],
 )
 def test_validate_request_rejects(req):
     with pytest.raises(lio_host.RequestError):
@@ -149,8 +184,7 @@ def test_main_reports_bad_json_and_invalid_request():
 def test_main_without_rtslib_is_unavailable(monkeypatch):
     monkeypatch.setattr(lio_host, "rtslib", None)
     resp = run_main(json.dumps({"v": 1, "ops": [{"op": "list_exports", "iqn_prefix": "iqn.2026-11.io.berth"}]}))
-    assert resp == {"ok": False, "error": {"kind": "unavailable", "message": resp["error"]["message"]},
-                    "results": []}
+    assert resp == {"ok": False, "error": {"kind": "unavailable", "message": resp["error"]["message"]}, "results": []}
     assert "python3-rtslib-fb" in resp["error"]["message"]
 
 
@@ -163,6 +197,15 @@ def rts(monkeypatch, tmp_path):
     monkeypatch.setattr(fake_rtslib_fb, "ACL_AUTH_ATTRIBUTE", True)
     monkeypatch.setattr(lio_host, "rtslib", fake_rtslib_fb)
     monkeypatch.setattr(lio_host, "LOCK_PATH", str(tmp_path / "lio.lock"))
+    default_file = str(tmp_path / "saveconfig.json")
+    monkeypatch.setattr(lio_host, "SAVE_FILE_OVERRIDE", default_file)
+    write = lio_host._write_private
+
+    def recording_write(path, saveconf):
+        fake_rtslib_fb.STATE["saves"].append(None if path == default_file else path)
+        write(path, saveconf)
+
+    monkeypatch.setattr(lio_host, "_write_private", recording_write)
     return fake_rtslib_fb.STATE
 
 
@@ -232,8 +275,12 @@ def test_add_initiator_with_chap_per_acl(rts):
     resp = call(export_op(), add_op(NODE1, chap=chap))
     assert resp["results"][1]["auth"] == "acl"
     acl = tpg(rts)["acls"][NODE1]
-    assert acl["auth"] == {"userid": "node1", "password": "s3cret-pass!", "userid_mutual": "tgt",
-                           "password_mutual": "m-s3cret"}
+    assert acl["auth"] == {
+        "userid": "node1",
+        "password": "s3cret-pass!",
+        "userid_mutual": "tgt",
+        "password_mutual": "m-s3cret",
+    }
     assert acl["attrs"]["authentication"] == "1"
     assert tpg(rts)["attrs"]["authentication"] == "0"
     listed = call({"op": "list_initiators", "target": T}, save=False)
@@ -285,9 +332,17 @@ def test_list_exports_filters_by_prefix(rts):
 
 
 def test_failure_mid_batch_still_saves_what_was_applied(rts):
-    resp = call(export_op(), add_op("iqn.2026-11.io.berth:node9"),
-                {"op": "add_initiator", "target": T.replace("0123", "7777"), "initiator": NODE1,
-                 "readonly": False, "chap": None})
+    resp = call(
+        export_op(),
+        add_op("iqn.2026-11.io.berth:node9"),
+        {
+            "op": "add_initiator",
+            "target": T.replace("0123", "7777"),
+            "initiator": NODE1,
+            "readonly": False,
+            "chap": None,
+        },
+    )
     assert resp["ok"] is False and resp["error"]["op_index"] == 2
     assert len(resp["results"]) == 2
     assert rts["saves"] == [None]
@@ -296,3 +351,27 @@ def test_failure_mid_batch_still_saves_what_was_applied(rts):
 def test_save_op_with_path(rts):
     resp = call({"op": "save", "path": "/etc/rtslib-fb-target/saveconfig.json"}, save=False)
     assert resp["ok"] and rts["saves"] == ["/etc/rtslib-fb-target/saveconfig.json"]
+
+
+def test_saves_rewrite_only_what_changed(rts, tmp_path):
+    other_volume, other_target = "vol-other", "iqn.2026-11.io.berth.test:vol-other"
+    saved = tmp_path / "saveconfig.json"
+    assert call(export_op())["ok"]
+    assert "everything" in rts["dumps"], "no file yet: a full dump"
+    rts["dumps"].clear()
+    assert call(export_op(volume=other_volume, target=other_target, device="/dev/berth/vol-other"))["ok"]
+    assert sorted(rts["dumps"]) == sorted([other_target, other_volume]), "only the new export was dumped"
+    conf = json.loads(saved.read_text())
+    assert {t["wwn"] for t in conf["targets"]} == {T, other_target}
+    assert {o["name"] for o in conf["storage_objects"]} == {VOL, other_volume}
+    assert oct(saved.stat().st_mode & 0o777) == "0o600", "the file holds CHAP secrets"
+
+    assert call({"op": "unexport", "volume": VOL, "target": T})["ok"]
+    conf = json.loads(saved.read_text())
+    assert [t["wwn"] for t in conf["targets"]] == [other_target], "an unexported target leaves the file"
+    assert [o["name"] for o in conf["storage_objects"]] == [other_volume]
+
+    saved.write_text("{not json")
+    rts["dumps"].clear()
+    assert call(export_op())["ok"]
+    assert "everything" in rts["dumps"], "an unreadable file is replaced by a full dump"

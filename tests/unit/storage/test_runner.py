@@ -68,8 +68,9 @@ def test_local_runner_passes_arguments_verbatim():
 
 def test_local_runner_stdin_and_c_locale():
     r = LocalRunner()
-    res = r.run([sys.executable, "-c", "import os,sys; print(sys.stdin.read().upper(), os.environ['LC_ALL'])"],
-                input=b"abc")
+    res = r.run(
+        [sys.executable, "-c", "import os,sys; print(sys.stdin.read().upper(), os.environ['LC_ALL'])"], input=b"abc"
+    )
     assert res.text.strip() == "ABC C"
 
 
@@ -145,8 +146,13 @@ def logged(log):
 
 def test_ssh_runner_round_trips_hostile_argv(fake_ssh):
     script, log = fake_ssh
-    r = SshRunner("storage.example", port=2222, identity_file="/keys/id_ed25519",
-                  known_hosts="/keys/known_hosts", ssh_binary=str(script))
+    r = SshRunner(
+        "storage.example",
+        port=2222,
+        identity_file="/keys/id_ed25519",
+        known_hosts="/keys/known_hosts",
+        ssh_binary=str(script),
+    )
     try:
         res = r.run(["printf", "%s\\0", *HOSTILE])
         assert res.stdout.decode().split("\0")[:-1] == HOSTILE
