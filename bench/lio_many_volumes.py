@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import platform
 import signal
@@ -58,7 +59,7 @@ from csi_driver.storage import tags as meta_keys  # noqa: E402
 from csi_driver.storage.backend import KEY_BACKEND, KIND_VOLUME, NodeRef  # noqa: E402
 from csi_driver.storage.errors import StorageError  # noqa: E402
 from csi_driver.storage.iscsi import IscsiExporter  # noqa: E402
-from csi_driver.storage.lio import LioTargets  # noqa: E402
+from csi_driver.storage.lio import LioTargets, host_program  # noqa: E402
 from csi_driver.storage.lvm import LvInfo, ThinPool  # noqa: E402
 from csi_driver.storage.runner import CommandRunner, last_json_object  # noqa: E402
 
@@ -419,6 +420,8 @@ def run(st: Storage, args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "storage": st.where,
         "commit": git_commit(),
+        # The host program actually sent (the working tree's, which may differ from the commit).
+        "lio_host_sha256": hashlib.sha256(host_program().encode()).hexdigest()[:16],
         "controller_host": {"machine": platform.machine(), "python": platform.python_version()},
         "units": "seconds per call, wall time seen by the controller (SSH round trip included)",
         "samples_per_level": {"berth": args.samples, "targetcli": args.targetcli_samples},
