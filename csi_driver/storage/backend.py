@@ -171,9 +171,10 @@ class LvmBackend:
         if existing is not None:
             self._check_same_request(existing, meta, required_bytes, limit_bytes)
         else:
+            source_info = self._source_info(source) if source is not None else None
             if not required_bytes:
                 # No size asked: a clone is as large as its source, a new volume gets the default.
-                required_bytes = self.pool.get(self._source_lv(source)).size_bytes if source else default_bytes
+                required_bytes = source_info.size_bytes if source_info is not None else default_bytes
             minimum = self.exporter.minimum_bytes(parameters)
             if limit_bytes and limit_bytes < minimum:
                 raise InvalidRequest(
@@ -193,10 +194,10 @@ class LvmBackend:
                     f"over-provisioning ratio {self.over_provisioning_ratio}); {size} requested"
                 )
             creating = {**meta, meta_keys.KEY_STATE: meta_keys.STATE_CREATING}
-            if source is None:
+            if source_info is None:
                 existing = self.pool.create_volume(lv, size, creating)
             else:
-                existing = self.pool.clone(self._source_lv(source), lv, size, creating)
+                existing = self.pool.clone(source_info.name, lv, size, creating)
         if existing.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
             # A fresh LV, or one a crashed earlier attempt left half-made: finish it.
             try:
@@ -218,12 +219,12 @@ class LvmBackend:
         except StorageError as err:
             log.error("could not remove the unfinished volume", extra={"lv": info.name, "error": str(err)})
 
-    def _source_lv(self, source: ContentSource) -> str:
+    def _source_info(self, source: ContentSource) -> LvInfo:
         info = self.pool.find(source.lv)
         expected_kind = KIND_SNAPSHOT if source.kind == "snapshot" else KIND_VOLUME
-        if not self._owned(info, expected_kind):
+        if info is None or not self._owned(info, expected_kind):
             raise NotFound(f"source {source.kind} {self.name}/{source.lv} not found")
-        return source.lv
+        return info
 
     def _check_same_request(
         self, existing: LvInfo, meta: Mapping[str, str], required_bytes: int, limit_bytes: int

@@ -487,10 +487,11 @@ def _save(path: str | None, touched: dict[str, set[str]] | None = None) -> dict[
     saveconf = None
     if touched is not None:
         saveconf = merged_saveconf(_read_saveconf(save_file), touched, _dump_target, _dump_so)
+    incremental = saveconf is not None
     if saveconf is None:
         saveconf = rtslib.RTSRoot().dump()
     _write_private(save_file, saveconf)
-    return {"saved": path or "default", "incremental": touched is not None and saveconf is not None}
+    return {"saved": path or "default", "incremental": incremental}
 
 
 def _read_saveconf(save_file: str) -> dict[str, Any] | None:
@@ -510,11 +511,11 @@ def merged_saveconf(
         isinstance(current.get(k), list) for k in ("targets", "storage_objects")
     ):
         return None
-    targets = [t for t in current["targets"] if not (t.get("fabric") == "iscsi" and t.get("wwn") in touched["targets"])]
-    volumes = touched["volumes"]
+    iqns, volumes = touched["targets"], touched["volumes"]
+    targets = [t for t in current["targets"] if not (t.get("fabric") == "iscsi" and t.get("wwn") in iqns)]
     objects = [o for o in current["storage_objects"] if not (o.get("plugin") == "block" and o.get("name") in volumes)]
-    targets += [d for d in map(dump_target, sorted(touched["targets"])) if d is not None]
-    objects += [d for d in map(dump_so, sorted(touched["volumes"])) if d is not None]
+    targets += [d for d in map(dump_target, sorted(iqns)) if d is not None]
+    objects += [d for d in map(dump_so, sorted(volumes)) if d is not None]
     return {**current, "targets": targets, "storage_objects": objects}
 
 
