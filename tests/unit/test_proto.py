@@ -41,10 +41,15 @@ def test_stubs_are_not_stale():
 def test_check_names_stale_files(tmp_path):
     generator.generate(tmp_path)
     assert generator.stale_files(tmp_path) == []
-    (tmp_path / "csi_pb2.py").write_text("# edited by hand\n")
-    (tmp_path / "csi_pb2.pyi").unlink()
-    assert generator.stale_files(tmp_path) == ["csi_pb2.py", "csi_pb2.pyi"]
-    with pytest.raises(generator.GenerateError, match=r"csi_pb2\.py, .*csi_pb2\.pyi"):
+    (tmp_path / "csi_driver/csi/csi_pb2.py").write_text("# edited by hand\n")
+    (tmp_path / "csi_driver/csi/csi_pb2.pyi").unlink()
+    (tmp_path / "csi_driver/kubelet/pluginregistration_pb2_grpc.py").write_text("# edited by hand\n")
+    assert generator.stale_files(tmp_path) == [
+        "csi_driver/csi/csi_pb2.py",
+        "csi_driver/csi/csi_pb2.pyi",
+        "csi_driver/kubelet/pluginregistration_pb2_grpc.py",
+    ]
+    with pytest.raises(generator.GenerateError, match=r"csi_pb2\.py, .*csi_pb2\.pyi, .*pluginregistration_pb2_grpc"):
         generator.check(tmp_path)
 
 
@@ -58,6 +63,29 @@ def test_package_reexports_stubs():
     assert csi_pb2.DESCRIPTOR.package == "csi.v1"
     assert hasattr(csi_pb2_grpc, "IdentityServicer")
     assert hasattr(csi_pb2_grpc, "add_NodeServicer_to_server")
+
+
+def test_kubelet_registration_stubs_match_what_kubelet_calls():
+    from csi_driver.kubelet import pluginregistration_pb2, pluginregistration_pb2_grpc
+
+    assert pluginregistration_pb2_grpc.pluginregistration__pb2 is pluginregistration_pb2
+    service = pluginregistration_pb2.DESCRIPTOR.services_by_name["Registration"]
+    assert service.full_name == "pluginregistration.Registration"
+    assert set(service.methods_by_name) == {"GetInfo", "NotifyRegistrationStatus"}
+
+    def numbers(message):
+        return {field.name: field.number for field in message.DESCRIPTOR.fields}
+
+    assert numbers(pluginregistration_pb2.PluginInfo) == {
+        "type": 1,
+        "name": 2,
+        "endpoint": 3,
+        "supported_versions": 4,
+    }
+    assert pluginregistration_pb2.PluginInfo.DESCRIPTOR.fields_by_name["supported_versions"].is_repeated
+    assert numbers(pluginregistration_pb2.RegistrationStatus) == {"plugin_registered": 1, "error": 2}
+    assert numbers(pluginregistration_pb2.InfoRequest) == {}
+    assert numbers(pluginregistration_pb2.RegistrationStatusResponse) == {}
 
 
 # --- wire identity with the upstream spec ------------------------------------------------------------
