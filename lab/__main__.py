@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lab import config, image
+from lab.cluster import ClusterError
 from lab.topology import Lab, LabError
 
 
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--nodes", type=int, default=2)
     u.add_argument("--keep", action="store_true", help="keep guest disks from the previous run (no fresh overlay)")
     u.add_argument("--no-sync", action="store_true", help="do not copy the working tree into the guests")
+    u.add_argument("--kubernetes", action="store_true", help="also run a Kubernetes cluster (docs/kubernetes.md)")
+    k = sub.add_parser("kubectl", help="kubectl against the lab cluster: kubectl get nodes")
+    k.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("kubeconfig", help="print the path of the lab cluster's admin kubeconfig")
     d = sub.add_parser("down", help="stop all guests and remove the run state")
     d.add_argument("--keep", action="store_true", help="keep guest disks for a later `up --keep`")
     sub.add_parser("status", help="guests, pids, ports, RSS")
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             for d in image.prune(used):
                 print(f"removed {d}")
         elif a.cmd == "up":
-            lab = Lab(a.run_dir, nodes=a.nodes, keep=a.keep)
+            lab = Lab(a.run_dir, nodes=a.nodes, keep=a.keep, kubernetes=a.kubernetes)
             timings = lab.up(sync=not a.no_sync)
             print(json.dumps({"timings": timings, "guests": lab.status()}, indent=2))
         elif a.cmd == "down":
@@ -77,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0 if all(g["alive"] for g in st.values()) else 1
+        elif a.cmd in ("kubectl", "kubeconfig"):
+            lab = Lab.attach(a.run_dir)
+            if not lab.cluster:
+                raise LabError("this lab runs no Kubernetes (start it with `python -m lab up --kubernetes`)")
+            cp = lab.cluster.control_plane
+            if a.cmd == "kubeconfig":
+                print(cp.admin_kubeconfig)
+                return 0
+            os.execv(cp.bin / "kubectl", ["kubectl", f"--kubeconfig={cp.admin_kubeconfig}", *a.args])
         elif a.cmd == "sync":
             Lab.attach(a.run_dir).sync()
         elif a.cmd in ("ssh", "run"):
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             Lab.attach(a.run_dir).set_link(a.guest, a.link, a.state == "on")
         elif a.cmd == "collect":
             print(Lab.attach(a.run_dir).collect(a.dest))
-    except (LabError, image.BuildError) as e:
+    except (LabError, ClusterError, image.BuildError) as e:
         print(f"lab: {e}", file=sys.stderr)
         return 2
     return 0

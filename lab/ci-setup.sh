@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 need=""
 for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mmdebstrap:mmdebstrap \
-            ssh:openssh-client ssh-keygen:openssh-client mkfs.ext4:e2fsprogs nasm:nasm; do
+            ssh:openssh-client ssh-keygen:openssh-client mkfs.ext4:e2fsprogs nasm:nasm \
+            socat:socat openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need="$need ${pair#*:}"
 done
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx switch_root || need="$need busybox-static"

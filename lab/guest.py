@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lab import config
+from lab import config, pki
 
 
 def mac(octet: int, nic: int) -> str:
@@ -34,6 +34,10 @@ class GuestSpec:
     # connects to. The storage guest runs a qemu hub per link, so nodes also reach each other.
     link_ports: list[list[int]] = field(default_factory=list)
     pid: int = 0
+    # Lab Kubernetes nodes: the host port of the apiserver (reached at 10.0.2.100:6443 through a guestfwd)
+    # and a read-only disk with the node's programs and images.
+    api_port: int = 0
+    extra_disk: str = ""
 
     @classmethod
     def from_dict(cls, d: dict) -> GuestSpec:
@@ -98,10 +102,16 @@ class Guest:
         ]  # fmt: skip
         if s.role == "storage":
             argv += ["-drive", f"file={self.dir / 'data.qcow2'},if=virtio,format=qcow2,cache=unsafe,discard=unmap"]
-        # Control link: user-mode networking, no way out (restrict=on), ssh forwarded from 127.0.0.1 only.
+        if s.extra_disk:
+            argv += ["-drive", f"file={s.extra_disk},if=virtio,format=raw,readonly=on"]
+        # Control link: user-mode networking, no way out (restrict=on), ssh forwarded from 127.0.0.1 only;
+        # a lab Kubernetes node also reaches the apiserver on the host (restrict=on spares explicit forwards).
+        ctl = f"user,id=ctl,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22"
+        if s.api_port:
+            ctl += f",guestfwd=tcp:{pki.GUEST_API_ADDRESS}:{pki.API_GUEST_PORT}-cmd:socat - TCP:127.0.0.1:{s.api_port}"
         argv += [
             "-netdev",
-            f"user,id=ctl,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22",
+            ctl,
             "-device",
             f"virtio-net-pci,netdev=ctl,id=ctl0,mac={mac(s.octet, 0)}",
         ]

@@ -33,6 +33,8 @@ PACKAGES = [
     "sg3-utils", "lsscsi", "util-linux", "psmisc",
     # The nested VM of tests/handover (QEMU without Recommends: +~46 packages; nasm assembles its boot sector).
     "qemu-system-x86", "nasm",
+    # The lab Kubernetes node (python -m lab up --kubernetes): container runtime, CNI plugins, kube-proxy's tools.
+    "containerd", "runc", "containernetworking-plugins", "iptables", "conntrack", "ethtool", "socat",
 ]  # fmt: skip
 
 # Modules the initramfs loads to reach /dev/vda (ext4 is built into the cloud kernel).
@@ -50,7 +52,7 @@ MASK = [
 ]  # fmt: skip
 DISABLE = [
     "nfs-server.service", "multipathd.service", "multipathd.socket", "rtslib-fb-targetctl.service",
-    "open-iscsi.service",
+    "open-iscsi.service", "containerd.service",
 ]  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lab import config, image
+from lab.cluster import Cluster
 from lab.guest import Guest, GuestSpec, free_ports
 from lab.ssh import SSH, Result
 
@@ -48,6 +49,7 @@ class Lab:
         keep: bool = False,
         owner_bound: bool = False,
         image_dir: Path | None = None,
+        kubernetes: bool = False,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.nodes = nodes
@@ -57,6 +59,8 @@ class Lab:
         self.guests: dict[str, Guest] = {}
         self.timings: dict[str, float] = {}
         self._ssh: dict[str, SSH] = {}
+        self.kubernetes = kubernetes
+        self.cluster = Cluster(self.run_dir) if kubernetes else None
 
     # ---- state -------------------------------------------------------------------------------------------
 
@@ -68,6 +72,8 @@ class Lab:
             raise LabError(f"no lab in {run_dir} (start one with `python -m lab up`)")
         state = json.loads(path.read_text())
         lab = cls(run_dir, nodes=state["nodes"], keep=state["keep"], image_dir=Path(state["image"]))
+        if state.get("kubernetes"):
+            lab.kubernetes, lab.cluster = True, Cluster(lab.run_dir, state["kubernetes"])
         lab.timings = state.get("timings", {})
         lab._make_guests([GuestSpec.from_dict(g) for g in state["guests"]])
         return lab
@@ -79,7 +85,7 @@ class Lab:
     def save(self) -> None:
         state = {"image": str(self.image), "nodes": self.nodes, "keep": self.keep, "owner_pid": os.getpid()
                  if self.owner_bound else None, "guests": [g.spec.to_dict() for g in self.guests.values()],
-                 "timings": self.timings}  # fmt: skip
+                 "timings": self.timings, "kubernetes": self.cluster.state if self.cluster else None}  # fmt: skip
         tmp = self.run_dir / (STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.run_dir / STATE)
@@ -125,6 +131,12 @@ class Lab:
                     name=name, role=role, octet=1 if i == 0 else 10 + i, ssh_port=ports[i], machine_id=mid, mem_mb=1024
                 )
             )
+        if self.cluster:
+            # Control plane first (a few seconds natively): the kubelets find it as soon as they start.
+            api_port, disk = self.cluster.prepare(names[1:], self.owner_bound)
+            self.save()
+            for spec in specs[1:]:
+                spec.api_port, spec.extra_disk, spec.mem_mb = api_port, str(disk), 1536
         link = ports[1 + n :]
         specs[0].link_ports = [link[k * n : (k + 1) * n] for k in range(2)]
         for i in range(1, n + 1):
@@ -154,6 +166,9 @@ class Lab:
             self.timings["ready"] = round(time.monotonic() - t1, 1)
             if sync:
                 self.sync()
+            if self.cluster:
+                self.cluster.join(self)
+                self.timings.update({f"k8s_{k}": v for k, v in self.cluster.state["timings"].items()})
             self.timings["up_total"] = round(time.monotonic() - t0, 1)
             self.save()
         except BaseException:
@@ -174,6 +189,8 @@ class Lab:
                 pass
         with ThreadPoolExecutor(max(1, len(self.guests))) as pool:
             list(pool.map(lambda g: g.stop(), self.guests.values()))
+        if self.cluster:
+            self.cluster.stop()
         if not self.run_dir.exists():
             return
         if keep_disks:
