@@ -6,11 +6,12 @@ import argparse
 import logging
 import socket
 import sys
+from collections.abc import Callable
 
 from csi_driver import __version__
 from csi_driver.config import Config, ConfigError, load_config
 from csi_driver.server.endpoint import EndpointError, parse_endpoint
-from csi_driver.server.grpc_server import CsiServer, ServerOptions
+from csi_driver.server.grpc_server import Companion, CsiServer, ServerOptions
 from csi_driver.server.logs import configure_logging
 
 log = logging.getLogger("berth")
@@ -59,7 +60,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="seconds in-flight RPCs get to finish on SIGTERM (default: %(default)s)",
     )
+    parser.add_argument(
+        "--kubelet-registration-dir",
+        metavar="DIR",
+        help="register with kubelet through <DIR>/<driver name>-reg.sock (the host's "
+        "/var/lib/kubelet/plugins_registry); node or all mode only",
+    )
+    parser.add_argument(
+        "--kubelet-csi-endpoint",
+        metavar="PATH",
+        help="the CSI socket path kubelet dials, told to kubelet at registration (default: the path of --endpoint)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        help="serve GET /healthz (200 ok, or 503 with the reason) on this TCP port; 0 = off (default)",
+    )
+    parser.add_argument("--health-address", default="0.0.0.0", help="address for --health-port (default: %(default)s)")
     return parser
+
+
+def build_companions(
+    args: argparse.Namespace, driver_name: str, not_ready_reason: Callable[[], str | None]
+) -> list[Companion]:
+    """What runs beside the CSI server: kubelet registration (node side) and the HTTP health endpoint."""
+    companions: list[Companion] = []
+    if args.kubelet_registration_dir:
+        if args.mode == "controller":
+            raise EndpointError("--kubelet-registration-dir needs --mode node or all")
+        from csi_driver.server.registration import KubeletRegistration
+
+        csi_endpoint = args.kubelet_csi_endpoint
+        if not csi_endpoint:
+            endpoint = parse_endpoint(args.endpoint)
+            if endpoint.scheme != "unix":
+                raise EndpointError("--kubelet-registration-dir with a tcp --endpoint needs --kubelet-csi-endpoint")
+            csi_endpoint = endpoint.address
+        companions.append(KubeletRegistration(args.kubelet_registration_dir, driver_name, csi_endpoint))
+    if args.health_port:
+        from csi_driver.server.health import HealthEndpoint
+
+        companions.append(HealthEndpoint(args.health_address, args.health_port, not_ready_reason))
+    return companions
 
 
 def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
@@ -93,7 +136,8 @@ def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
     identity = IdentityService(driver_name, controller=controller, checks=checks)
     registrations.append(lambda server: csi_pb2_grpc.add_IdentityServicer_to_server(identity, server))
     options = ServerOptions(workers=args.workers, socket_mode=args.socket_mode, grace_seconds=args.grace_period)
-    return CsiServer(parse_endpoint(args.endpoint), registrations, options)
+    companions = build_companions(args, driver_name, identity.not_ready_reason)
+    return CsiServer(parse_endpoint(args.endpoint), registrations, options, companions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level)
     if args.workers < 1:
         return _fail("--workers must be at least 1")
+    if not 0 <= args.health_port < 65536:
+        return _fail("--health-port must be 0 (off) or a TCP port")
     try:
         config = load_config(args.config)
         server = build_server(args, config)
@@ -114,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return server.serve_until_signalled()
-    except (EndpointError, RuntimeError) as err:
+    except (EndpointError, RuntimeError, OSError) as err:
         return _fail(f"cannot serve on {args.endpoint}: {err}")
 
 

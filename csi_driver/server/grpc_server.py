@@ -6,9 +6,10 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -21,6 +22,30 @@ log = logging.getLogger("berth.server")
 Registration = Callable[[grpc.Server], None]
 
 
+class Companion(Protocol):
+    """Something that runs alongside the CSI server: kubelet registration, the HTTP health endpoint.
+
+    stop() must be safe to call when start() never ran or failed.
+    """
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def listen_on_unix_socket(server: grpc.Server, path: str, mode: int) -> int:
+    """Bind server to a unix socket with the given permission bits, replacing a stale socket."""
+    prepare_unix_socket(path)
+    # Create the socket with the final mode: no window in which others could connect.
+    previous_umask = os.umask(0o777 & ~mode)
+    try:
+        port = server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(previous_umask)
+    os.chmod(path, mode)
+    return port
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     workers: int = 8
@@ -31,9 +56,17 @@ class ServerOptions:
 
 
 class CsiServer:
-    def __init__(self, endpoint: Endpoint, registrations: list[Registration], options: ServerOptions) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        registrations: list[Registration],
+        options: ServerOptions,
+        companions: Sequence[Companion] = (),
+    ) -> None:
         self.endpoint = endpoint
         self.options = options
+        # Started once the CSI socket listens (kubelet dials it as soon as it sees the registration socket).
+        self.companions = list(companions)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc"),
             interceptors=[LoggingInterceptor()],
@@ -45,23 +78,24 @@ class CsiServer:
 
     def start(self) -> None:
         if self.endpoint.scheme == "unix":
-            prepare_unix_socket(self.endpoint.address)
-            # Create the socket with the final mode: no window in which others could connect.
-            previous_umask = os.umask(0o777 & ~self.options.socket_mode)
-            try:
-                self.port = self._server.add_insecure_port(self.endpoint.grpc_address)
-            finally:
-                os.umask(previous_umask)
+            self.port = listen_on_unix_socket(self._server, self.endpoint.address, self.options.socket_mode)
         else:
             self.port = self._server.add_insecure_port(self.endpoint.grpc_address)
         self._server.start()
-        if self.endpoint.scheme == "unix":
-            os.chmod(self.endpoint.address, self.options.socket_mode)
         log.info("listening", extra={"endpoint": str(self.endpoint), "workers": self.options.workers})
+        try:
+            for companion in self.companions:
+                companion.start()
+        except BaseException:
+            self.stop(0)  # a companion's stop() is a no-op when it never started
+            raise
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs, give in-flight ones `grace` seconds, then cancel them."""
         grace = self.options.grace_seconds if grace is None else grace
+        # Companions first: kubelet sees the registration socket go before the CSI socket does.
+        for companion in reversed(self.companions):
+            companion.stop()
         self._server.stop(grace).wait()
         if self.endpoint.scheme == "unix":
             try:

@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from csi_driver import __version__
 from csi_driver.csi import csi_pb2, csi_pb2_grpc
+from csi_driver.services.readiness import CHECK_TIMEOUT_SECONDS, BoundedCheck, ReadinessCheck, run_checks
 
 log = logging.getLogger("berth.identity")
-
-# A readiness check returns None when healthy, or a sentence saying what is wrong.
-ReadinessCheck = Callable[[], str | None]
 
 _Service = csi_pb2.PluginCapability.Service
 _Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, driver_name: str, controller: bool, checks: Sequence[ReadinessCheck] = ()) -> None:
+    def __init__(
+        self,
+        driver_name: str,
+        controller: bool,
+        checks: Sequence[ReadinessCheck] = (),
+        check_timeout: float = CHECK_TIMEOUT_SECONDS,
+    ) -> None:
         self.driver_name = driver_name
         self.controller = controller
-        self.checks = list(checks)
+        self.checks = [BoundedCheck(check) for check in checks]
+        self.check_timeout = check_timeout
+
+    def not_ready_reason(self) -> str | None:
+        """None when every readiness check passes within the time bound, else what is wrong.
+
+        Probe and the HTTP health endpoint both ask this.
+        """
+        return run_checks(self.checks, self.check_timeout)
 
     def GetPluginInfo(self, request, context):
         return csi_pb2.GetPluginInfoResponse(name=self.driver_name, vendor_version=__version__)
@@ -39,9 +51,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=capabilities)
 
     def Probe(self, request, context):
-        problems = [problem for problem in (check() for check in self.checks) if problem]
-        if problems:
-            reason = "; ".join(problems)
+        reason = self.not_ready_reason()
+        if reason:
             log.warning("not ready", extra={"reason": reason})
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not ready: {reason}")
         return csi_pb2.ProbeResponse(ready=BoolValue(value=True))
