@@ -1,8 +1,8 @@
 """Domain errors of the node layer. Nothing here knows gRPC; services/node.py maps each class to a code.
 
-Suggested mapping: InvalidVolume→INVALID_ARGUMENT, VolumeNotFound→NOT_FOUND, MountConflict→ALREADY_EXISTS,
-NotStaged/WrongAccess/StillInUse→FAILED_PRECONDITION, OperationInFlight→ABORTED, CommandTimeout→DEADLINE_EXCEEDED,
-everything else→INTERNAL.
+Suggested mapping: InvalidVolume/InvalidPath→INVALID_ARGUMENT, VolumeNotFound→NOT_FOUND,
+MountConflict→ALREADY_EXISTS, NotStaged/WrongAccess/StillInUse/PathBusy→FAILED_PRECONDITION,
+OperationInFlight→ABORTED, CommandTimeout→DEADLINE_EXCEEDED, everything else→INTERNAL.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ class NodeError(Exception):
 
 class InvalidVolume(NodeError):
     """volume_context, publish_context or a capability cannot be used (missing key, unknown protocol...)."""
+
+
+class InvalidPath(NodeError):
+    """A staging or target path that Berth will not use: relative, with '..' or NUL, too long, inside a kernel
+    filesystem, or leading through a symbolic link."""
 
 
 class VolumeNotFound(NodeError):
@@ -42,6 +47,18 @@ class StillInUse(NodeError):
 
 class OperationInFlight(NodeError):
     """Another RPC on the same volume is running; the CO retries later."""
+
+
+class UnmountFailed(NodeError):
+    """umount failed and the path is still mounted."""
+
+
+class PathBusy(UnmountFailed):
+    """umount refused because a process still uses the mount (open files, a working directory, a mount below)."""
+
+
+class CleanupFailed(NodeError):
+    """Undoing a failed operation, or removing what Berth created, failed; the stage record keeps what is left."""
 
 
 class AttachFailed(NodeError):
@@ -91,3 +108,9 @@ class CommandTimeout(NodeError):
         self.argv = masked(argv)
         self.seconds = seconds
         super().__init__(f"`{' '.join(self.argv)}` did not finish within {seconds:g} s")
+
+
+# What kubelet treats as "maybe still in progress" (the services map these to DEADLINE_EXCEEDED and ABORTED, and
+# kubelet answers them with a retry or a NodeUnstageVolume): a failed operation keeps its partial work for that
+# call. Every other failure is final: kubelet assumes nothing was done, so the operation must undo itself.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (CommandTimeout, OperationInFlight)

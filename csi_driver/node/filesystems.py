@@ -6,7 +6,9 @@ is never formatted. `blkid -p` reads the device itself (no cache) and exits 2 wh
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,11 +16,16 @@ from .commands import Runner
 from .errors import CommandFailed, FilesystemError, InvalidVolume
 from .mounts import Mounter
 
+log = logging.getLogger("berth.node.filesystems")
+
 SUPPORTED = ("ext4", "xfs")
 DEFAULT_FS = "ext4"
 BLKID_NOTHING_FOUND = 2
 MKFS_TIMEOUT = 600.0
 GROW_TIMEOUT = 600.0
+# mkfs may leave a short last block group unused; a difference below this is layout, not a larger volume.
+GROW_THRESHOLD_BYTES = 16 << 20
+_XFS_DATA_RE = re.compile(r"^data\s+=\s*bsize=(\d+)\s+blocks=(\d+)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,36 @@ class Filesystems:
             self.runner.run(argv, timeout=GROW_TIMEOUT)
         except CommandFailed as err:
             raise FilesystemError(f"growing {fs_type} on {device} failed: {err}") from err
+
+    def filesystem_size(self, fs_type: str, device: str, mount_path: str) -> int:
+        """Bytes the filesystem on `device` (mounted at `mount_path`) spans, from its own superblock."""
+        if fs_type == "xfs":
+            out = self.runner.run(["xfs_info", "--", mount_path], timeout=60).stdout
+            match = _XFS_DATA_RE.search(out)
+            if match is None:
+                raise FilesystemError(f"cannot read the size of the xfs filesystem at {mount_path!r} from xfs_info")
+            return int(match.group(1)) * int(match.group(2))
+        out = self.runner.run(["dumpe2fs", "-h", "--", device], timeout=60).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        try:
+            return int(fields["Block count"]) * int(fields["Block size"])
+        except (KeyError, ValueError):
+            raise FilesystemError(f"cannot read the size of the ext4 filesystem on {device} from dumpe2fs") from None
+
+    def grow_to_device(self, fs_type: str, device: str, mount_path: str) -> bool:
+        """Grow a mounted filesystem that is smaller than its device; True when it grew.
+
+        A clone or restored snapshot larger than its source gets no NodeExpandVolume from Kubernetes (the PVC
+        was never resized), so staging is the moment to notice that its filesystem still has the source's size.
+        """
+        device_bytes = self.block_size(device)
+        fs_bytes = self.filesystem_size(fs_type, device, mount_path)
+        if device_bytes - fs_bytes <= GROW_THRESHOLD_BYTES:
+            return False
+        log.info("filesystem smaller than its device, growing", extra={"device": device, "fs_bytes": fs_bytes,
+                                                                       "device_bytes": device_bytes})  # fmt: skip
+        self.grow(fs_type, device, mount_path)
+        return True
 
     def block_size(self, device: str) -> int:
         result = self.runner.run(["blockdev", "--getsize64", device], timeout=30)

@@ -10,13 +10,19 @@ with the device gone. What we add on top:
   write `node.session.auth.username_in/password_in` into it; os-brick then finds the record and logs in.
 - multipath with more than one portal is enforced: two bare /dev/sdX paths of one LUN must never be used.
 - the WWN check: the device that appeared must be the LUN volume_context names.
+- with several portals only the multipath map is ever used: os-brick returns a single /dev/sdX when the map
+  is slow to appear, so we wait for the map ourselves (by WWN) and fail the stage without it.
+- every step of a stage registers its undo (rollback.py), and os-brick's per-portal lock files are removed
+  once nothing can hold them.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,7 +40,9 @@ from .errors import (
 )
 from .filesystems import Filesystems, fs_type_or_default
 from .mounts import Mounter, device_number
+from .paths import make_directory
 from .protocol import BLOCK, MOUNT, SaveRecord, StageRequest
+from .rollback import Rollback
 from .stage_record import StageRecord
 
 log = logging.getLogger("berth.node.iscsi")
@@ -49,6 +57,12 @@ DEVICE_SCAN_ATTEMPTS = 5
 # csi VolumeCapability.AccessMode: MULTI_NODE_SINGLE_WRITER, MULTI_NODE_MULTI_WRITER.
 MULTI_NODE_WRITER_MODES = (4, 5)
 ISCSI_ERR_LOGIN_AUTH_FAILED = 24  # iscsiadm's exit status (open-iscsi include/iscsi_err.h)
+# How long a stage or publish waits for multipathd to assemble the map after the paths are there.
+MULTIPATH_MAP_WAIT = 15.0
+MULTIPATH_POLL_INTERVAL = 0.25
+# os-brick takes one file lock per portal and target (`connect_to_iscsi_portal-<portal>-<iqn>`), and Berth
+# exports one target per volume, so these files pile up; see sweep_portal_locks.
+PORTAL_LOCK_PATTERN = "os-brick-connect_to_iscsi_portal-*"
 
 
 class Connector(Protocol):
@@ -64,6 +78,7 @@ class Connector(Protocol):
 
 
 ConnectorFactory = Callable[[bool], Connector]
+LockSweeper = Callable[[], None]
 
 
 def normalize_wwn(value: str) -> str:
@@ -92,6 +107,35 @@ def brick_connector_factory(lock_dir: str) -> ConnectorFactory:
         return ISCSIConnector(root_helper=None, use_multipath=multipath, device_scan_attempts=DEVICE_SCAN_ATTEMPTS)
 
     return make
+
+
+def brick_lock_sweeper(lock_dir: str) -> LockSweeper:
+    """Removes os-brick's per-portal lock files. os-brick takes a portal lock only inside connect_volume, which
+    holds its host-wide `connect_volume` lock; holding that lock here means no process can hold or wait for a
+    portal lock, so deleting the files cannot split one lock into two."""
+
+    def sweep() -> None:
+        _setup_os_brick(lock_dir)
+        from os_brick.initiator.connectors import base
+
+        try:
+            base.synchronized("connect_volume", external=True)(sweep_portal_locks)(lock_dir)
+        except OSError as err:  # leftover lock files cost disk entries, never correctness
+            log.warning("cannot remove os-brick lock files", extra={"lock_dir": lock_dir, "error": str(err)})
+
+    return sweep
+
+
+def sweep_portal_locks(lock_dir: str) -> int:
+    """Delete the per-portal lock files in `lock_dir` (the caller holds os-brick's connect_volume lock)."""
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(lock_dir), PORTAL_LOCK_PATTERN)):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _setup_os_brick(lock_dir: str) -> None:
@@ -179,6 +223,8 @@ class IscsiVolumes:
         connector_factory: ConnectorFactory,
         by_id_dir: str = "/dev/disk/by-id",
         sys_block_dir: str = "/sys/block",
+        sweep_locks: LockSweeper | None = None,
+        multipath_wait: float = MULTIPATH_MAP_WAIT,
     ) -> None:
         self.runner = runner
         self.mounter = mounter
@@ -186,6 +232,8 @@ class IscsiVolumes:
         self.connector_factory = connector_factory
         self.by_id_dir = by_id_dir
         self.sys_block_dir = sys_block_dir
+        self.sweep_locks = sweep_locks or (lambda: None)
+        self.multipath_wait = multipath_wait
 
     # --- staging ---
 
@@ -209,18 +257,27 @@ class IscsiVolumes:
             multipath=len(targets) > 1,
         )
 
-    def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord) -> None:
+    def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord, undo: Rollback) -> None:
         # Saved before login: if we crash between login and the end, unstage can still log out.
         save(record)
         props = connection_properties(targets_from_publish_context(request.publish_context), request.secrets)
+        # A device already here belongs to an earlier stage that is still in use; this call did not attach
+        # it, so its failure must not detach it.
+        attached_before = self.current_device(record) is not None
         device = self.attach(props, record.multipath, record.wwn, request.secrets)
+        if not attached_before:
+            undo.push(f"log out of {_describe(props)}", lambda: self._undo_attach(props, record, device.path))
         record.device_path = device.path
         record.wwn = device.wwn
         save(record)
         if record.access_type == MOUNT:
-            self._mount_staging(record, device.path)
+            self._mount_staging(record, device.path, undo)
 
-    def _mount_staging(self, record: StageRecord, device: str) -> None:
+    def _undo_attach(self, props: dict[str, Any], record: StageRecord, path: str) -> None:
+        self._disconnect(self.connector_factory(record.multipath), props, path, force=True)
+        self.sweep_locks()
+
+    def _mount_staging(self, record: StageRecord, device: str, undo: Rollback) -> None:
         current = self.mounter.table.at(record.staging_path)
         if current is not None:
             if current.major_minor == device_number(device):
@@ -232,14 +289,18 @@ class IscsiVolumes:
                 extra={"path": record.staging_path, "stale": current.source, "device": device},
             )
             self.mounter.unmount(record.staging_path)
-        os.makedirs(record.staging_path, exist_ok=True)
+        if make_directory(record.staging_path):  # the CO should have; only if it did not is it ours to remove
+            undo.push(f"remove {record.staging_path!r}", lambda: os.rmdir(record.staging_path))
         formatted = self.fs.ensure_filesystem(device, record.fs_type)
         if formatted:
             log.info("formatted", extra={"device": device, "fs_type": record.fs_type, "volume": record.volume_id})
         self.fs.mount(device, record.staging_path, record.fs_type, record.mount_flags, record.readonly)
+        undo.push(f"unmount {record.staging_path!r}", lambda: self.mounter.unmount(record.staging_path))
+        if not record.readonly:
+            self.fs.grow_to_device(record.fs_type, device, record.staging_path)
 
     def is_staged(self, record: StageRecord) -> bool:
-        device = self.current_device(record)
+        device = self.usable_device(record, wait=0)
         if device is None:
             return False
         if record.access_type == BLOCK:
@@ -273,7 +334,19 @@ class IscsiVolumes:
                 f"the device {path} behind {_describe(props)} has WWN {found or 'unknown'}, "
                 f"not {expected_wwn}; refusing to use it"
             )
-        return AttachedDevice(path, found or expected_wwn, multipath)
+        wwn = found or expected_wwn
+        if multipath and not _is_device_mapper(path):
+            # os-brick gives up waiting for the map after ~10 s and returns one path; never use that.
+            mapped = self._wait_for_map(wwn, self.multipath_wait)
+            if mapped is None:
+                self._disconnect(connector, props, path, force=True)
+                raise AttachFailed(
+                    f"the paths of {_describe(props)} came up ({path}) but multipathd assembled no map for WWN "
+                    f"{wwn} within {self.multipath_wait:g} s; check that multipathd runs and that "
+                    "find_multipaths is not 'strict' (or the WWID is known)"
+                )
+            path = mapped
+        return AttachedDevice(path, wwn, multipath)
 
     def _explain_login_failure(self, props: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
         """os-brick hides why no device came ("Volume device not found at .") and deletes the node records of a
@@ -364,6 +437,7 @@ class IscsiVolumes:
         # force when the device vanished: os-brick then removes what is left (maps, sessions without
         # devices) and still raises at the end if something failed, so the record stays for a retry.
         self._disconnect(connector, props, device or record.device_path, force=device is None)
+        self.sweep_locks()
 
     def _disconnect(self, connector: Connector, props: dict[str, Any], path: str, force: bool) -> None:
         try:
@@ -387,11 +461,38 @@ class IscsiVolumes:
                 return os.path.realpath(candidate)
         return None
 
+    def usable_device(self, record: StageRecord, wait: float) -> str | None:
+        """The device to mount or bind: for a multipath volume only its map (waiting up to `wait` seconds for
+        multipathd), never one of its paths; otherwise the current device."""
+        if not record.multipath:
+            return self.current_device(record)
+        return self._wait_for_map(record.wwn, wait)
+
+    def _wait_for_map(self, wwn: str, wait: float) -> str | None:
+        link = os.path.join(self.by_id_dir, f"dm-uuid-mpath-3{wwn}")
+        deadline = time.monotonic() + wait
+        while True:
+            if os.path.exists(link):
+                return os.path.realpath(link)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(MULTIPATH_POLL_INTERVAL)
+
     def block_device(self, record: StageRecord) -> str | None:
-        device = self.current_device(record)
+        device = self.usable_device(record, wait=self.multipath_wait)
         if device is None:
-            raise DeviceNotFound(f"the device of volume {record.volume_id} (WWN {record.wwn}) is gone")
+            what = "multipath map" if record.multipath else "device"
+            raise DeviceNotFound(f"the {what} of volume {record.volume_id} (WWN {record.wwn}) is not on this node")
         return device
+
+    def member_paths(self, record: StageRecord) -> set[str]:
+        """Kernel names (sdX) of the single paths behind the volume's multipath map: a bind of one of them
+        bypasses multipath and must be replaced by the map."""
+        device = self.usable_device(record, wait=0) if record.multipath else None
+        if device is None:
+            return set()
+        slaves = os.path.join(self.sys_block_dir, os.path.basename(device), "slaves")
+        return set(os.listdir(slaves)) if os.path.isdir(slaves) else set()
 
     def expand(self, record: StageRecord) -> int:
         connector = self.connector_factory(record.multipath)
@@ -438,6 +539,10 @@ class AttachedDevice:
     path: str
     wwn: str
     multipath: bool
+
+
+def _is_device_mapper(path: str) -> bool:
+    return os.path.basename(os.path.realpath(path)).startswith("dm-")
 
 
 def _describe(props: Mapping[str, Any]) -> str:

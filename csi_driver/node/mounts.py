@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .commands import Runner
-from .errors import CommandFailed, CommandTimeout, MountConflict
+from .errors import CommandFailed, CommandTimeout, PathBusy, UnmountFailed
 
 log = logging.getLogger("berth.node.mounts")
 
@@ -50,9 +50,13 @@ class MountEntry:
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Parse mountinfo(5) lines; optional fields end at the "-" separator."""
+    """Parse mountinfo(5) lines; optional fields end at the "-" separator.
+
+    Lines end at "\n" only: the kernel escapes space, tab, newline and backslash in paths but writes every
+    other byte as it is, so a mount point may hold "\r", "\v", "\x1c" or U+2028, all of which
+    str.splitlines() would treat as line ends."""
     entries = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if not line.strip():
             continue
         fields = line.split(" ")
@@ -159,7 +163,12 @@ class Mounter:
         except CommandFailed as err:
             if not self.table.is_mountpoint(target):
                 return  # someone else unmounted it meanwhile
-            raise MountConflict(f"cannot unmount {target}: {err}") from err
+            if "busy" in err.stderr:
+                raise PathBusy(
+                    f"cannot unmount {target!r}: it is busy (a process still has files open or its working "
+                    f"directory there, or something is mounted below it): {err}"
+                ) from err
+            raise UnmountFailed(f"cannot unmount {target!r}: {err}") from err
         try:
             self.runner.run(["umount", "-f", "--", target], timeout=timeout)
             return
@@ -173,7 +182,7 @@ class Mounter:
             if not self.table.is_mountpoint(target):
                 return
             self.unmount(target)
-        raise MountConflict(f"{target} is still mounted after {limit} unmounts")
+        raise UnmountFailed(f"{target!r} is still mounted after {limit} unmounts")
 
     def lazy_unmount(self, target: str) -> None:
         if self.table.is_mountpoint(target):

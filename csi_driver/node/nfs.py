@@ -18,7 +18,9 @@ from typing import TypeVar
 from .errors import InvalidVolume, MountConflict
 from .filesystems import Usage, usage
 from .mounts import Mounter
+from .paths import make_directory
 from .protocol import MOUNT, SaveRecord, StageRequest
+from .rollback import Rollback
 from .stage_record import StageRecord
 
 log = logging.getLogger("berth.node.nfs")
@@ -98,7 +100,7 @@ class NfsVolumes:
             nfs_source=nfs_source(server, export),
         )
 
-    def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord) -> None:
+    def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord, undo: Rollback) -> None:
         current = self.mounter.table.at(record.staging_path)
         if current is not None:
             if current.fs_type not in NFS_TYPES or current.source != record.nfs_source:
@@ -111,11 +113,13 @@ class NfsVolumes:
             else:
                 save(record)
                 return
-        os.makedirs(record.staging_path, exist_ok=True)
         save(record)
+        if make_directory(record.staging_path):  # the CO should have; only if it did not is it ours to remove
+            undo.push(f"remove {record.staging_path!r}", lambda: os.rmdir(record.staging_path))
         self.mounter.mount(
             record.nfs_source, record.staging_path, "nfs", mount_options(record.mount_flags, record.readonly)
         )
+        undo.push(f"unmount {record.staging_path!r}", lambda: self.mounter.unmount(record.staging_path))
 
     def is_staged(self, record: StageRecord) -> bool:
         current = self.mounter.table.at(record.staging_path)
@@ -136,6 +140,9 @@ class NfsVolumes:
 
     def block_device(self, record: StageRecord) -> str | None:
         return None
+
+    def member_paths(self, record: StageRecord) -> set[str]:
+        return set()
 
     def expand(self, record: StageRecord) -> int:
         return 0  # the export grows on the server; nothing to do here

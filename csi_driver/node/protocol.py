@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .rollback import Rollback
 from .stage_record import StageRecord
 
 BLOCK = "block"
@@ -40,8 +41,9 @@ class VolumeProtocol(Protocol):
         """Validate the contexts and describe the staging, without touching the system."""
         ...
 
-    def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord) -> None:
-        """Attach and mount at record.staging_path; call `save` as soon as there is something to undo."""
+    def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord, undo: Rollback) -> None:
+        """Attach and mount at record.staging_path; call `save` as soon as there is something to undo, and
+        push the inverse of every step that changed the node onto `undo` right after it succeeded."""
         ...
 
     def is_staged(self, record: StageRecord) -> bool:
@@ -54,6 +56,10 @@ class VolumeProtocol(Protocol):
 
     def block_device(self, record: StageRecord) -> str | None:
         """The device node to bind for raw block publish (None for file protocols)."""
+        ...
+
+    def member_paths(self, record: StageRecord) -> set[str]:
+        """Kernel names of single paths that a bind of the volume must never use instead of block_device."""
         ...
 
     def expand(self, record: StageRecord) -> int:

@@ -42,6 +42,9 @@ class StageRecord:
     nfs_source: str = ""
     # target path → readonly, for publish idempotency, SINGLE_NODE_SINGLE_WRITER and stats path checks.
     targets: dict[str, bool] = field(default_factory=dict)
+    # target paths Berth itself created (the file or directory a publish binds onto): the only ones unpublish
+    # removes. Written right after the creation, before the bind.
+    created: list[str] = field(default_factory=list)
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

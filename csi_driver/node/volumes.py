@@ -11,10 +11,11 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import (
     DeviceNotFound,
+    InvalidPath,
     InvalidVolume,
     MountConflict,
     NodeError,
@@ -26,7 +27,9 @@ from .filesystems import Filesystems, Usage, usage
 from .locks import VolumeLocks
 from .mounts import MountEntry, Mounter
 from .nfs import bounded
-from .protocol import BLOCK, MOUNT, StageRequest, VolumeProtocol
+from .paths import canonical_path, checked_path, make_directory, make_file, remove_created
+from .protocol import BLOCK, StageRequest, VolumeProtocol
+from .rollback import Rollback
 from .stage_record import RecordStore, StageRecord
 
 log = logging.getLogger("berth.node.volumes")
@@ -85,27 +88,44 @@ class NodeVolumes:
     # --- stage ---
 
     def stage(self, request: StageRequest) -> None:
+        request = replace(request, staging_path=checked_path(request.staging_path, "staging_target_path"))
         protocol = self._protocol(request.volume_context.get("protocol", ""))
         with self._locked(request.volume_id, "NodeStageVolume"):
             wanted = protocol.new_record(request)
             existing = self.records.load(request.volume_id)
+            in_use = existing is not None and self._published(existing)
             if existing is not None:
-                _check_same_staging(existing, wanted)
                 if protocol.is_staged(existing):
+                    _check_same_staging(existing, wanted)
                     return  # idempotent repeat
-                wanted.targets = existing.targets
-            protocol.stage(wanted, request, self.records.save)
-            self.records.save(wanted)
+                if in_use:  # lost its staging mount or device while a target still holds it: redo on top
+                    _check_same_staging(existing, wanted)
+                elif _differs(existing, wanted):
+                    # The remains of a stage that crashed or failed before its undo existed: they would make
+                    # every later stage ALREADY_EXISTS, and nothing uses them.
+                    log.warning("removing the remains of an earlier stage", extra={"volume": existing.volume_id})
+                    self._protocol(existing.protocol).unstage(existing)
+                    self.records.delete(existing.volume_id)
+                wanted.targets, wanted.created = existing.targets, existing.created
+            with Rollback("NodeStageVolume", cleaned_by="NodeUnstageVolume") as undo:
+                if not in_use:  # the oldest step: forgotten only when everything else was undone
+                    undo.push("remove the stage record", lambda: self.records.delete(request.volume_id))
+                protocol.stage(wanted, request, self.records.save, undo)
+                self.records.save(wanted)
+
+    def _published(self, record: StageRecord) -> bool:
+        return any(self.mounter.table.is_mountpoint(target) for target in record.targets)
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
+        staging = checked_path(staging_path, "staging_target_path")
         with self._locked(volume_id, "NodeUnstageVolume"):
             record = self.records.load(volume_id)
             if record is None:
                 # Nothing recorded: never staged here, or already unstaged. Clean a leftover mount only.
-                self.mounter.unmount(staging_path)
+                self.mounter.unmount(staging)
                 return
-            if os.path.normpath(record.staging_path) != os.path.normpath(staging_path):
-                raise VolumeNotFound(f"volume {volume_id} is staged at {record.staging_path}, not at {staging_path}")
+            if os.path.normpath(record.staging_path) != staging:
+                raise VolumeNotFound(f"volume {volume_id} is staged at {record.staging_path!r}, not at {staging!r}")
             self._protocol(record.protocol).unstage(record)
             # Only now: a failed unstage keeps the record, so the retry still knows what to log out of.
             self.records.delete(volume_id)
@@ -113,42 +133,56 @@ class NodeVolumes:
     # --- publish ---
 
     def publish(self, request: PublishRequest) -> None:
+        staging = checked_path(request.staging_path, "staging_target_path")
+        target = checked_path(request.target_path, "target_path")
         with self._locked(request.volume_id, "NodePublishVolume"):
             record = self.records.load(request.volume_id)
             if record is None:
                 raise NotStaged(f"volume {request.volume_id} is not staged on this node; call NodeStageVolume first")
-            if os.path.normpath(record.staging_path) != os.path.normpath(request.staging_path):
-                raise NotStaged(
-                    f"volume {request.volume_id} is staged at {record.staging_path}, not at {request.staging_path}"
-                )
+            if os.path.normpath(record.staging_path) != staging:
+                raise NotStaged(f"volume {request.volume_id} is staged at {record.staging_path!r}, not at {staging!r}")
             if record.access_type != request.access_type:
                 raise WrongAccess(
                     f"volume {request.volume_id} is staged for {record.access_type} access, "
                     f"publish asks for {request.access_type}"
                 )
-            target = os.path.normpath(request.target_path)
             protocol = self._protocol(record.protocol)
+            readonly = request.readonly or record.readonly  # a read-only staging is never published writable
             source, match = self._publish_source(record, protocol)
             current = self.mounter.table.at(target)
             if current is not None:
-                if not match(current):
-                    raise MountConflict(f"target {target} already has {current.source} mounted, not this volume")
-                if current.readonly != request.readonly:
-                    raise MountConflict(
-                        f"target {target} is already published {'read-only' if current.readonly else 'read-write'}"
-                    )
-                self._remember_target(record, target, request.readonly)
-                return
+                if match(current):
+                    if current.readonly != readonly:
+                        raise MountConflict(
+                            f"target {target!r} is already published "
+                            f"{'read-only' if current.readonly else 'read-write'}"
+                        )
+                    self._remember_target(record, target, readonly)
+                    return
+                if not _binds_a_single_path(current, protocol.member_paths(record)):
+                    raise MountConflict(f"target {target!r} already has {current.source} mounted, not this volume")
+                # An earlier publish raced multipathd and bound one path of the LUN: bind the map instead.
+                log.warning("target binds a single path, replacing it with the multipath map",
+                            extra={"target": target, "path": current.root, "device": source})  # fmt: skip
+                self.mounter.unmount(target)
             if request.access_mode == SINGLE_NODE_SINGLE_WRITER:
                 others = [t for t in record.targets if t != target and self.mounter.table.is_mountpoint(t)]
                 if others:
                     raise WrongAccess(
                         f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at {others[0]}"
                     )
-            _create_target(target, block=record.access_type == BLOCK)
-            options = request.mount_flags if record.access_type == MOUNT else ()
-            self.mounter.bind(source, target, readonly=request.readonly, options=options)
-            self._remember_target(record, target, request.readonly)
+            self._bind(record, source, target, readonly, request.mount_flags)
+
+    def _bind(self, record: StageRecord, source: str, target: str, readonly: bool, flags: tuple[str, ...]) -> None:
+        block = record.access_type == BLOCK
+        with Rollback("NodePublishVolume", cleaned_by="NodeUnpublishVolume") as undo:
+            if make_file(target) if block else make_directory(target):
+                record.created.append(target)  # saved before the bind: a crash still knows the file is ours
+                self.records.save(record)
+                undo.push(f"remove {target!r}", lambda: self._remove_created(record, target))
+            self.mounter.bind(source, target, readonly=readonly, options=() if block else flags)
+            undo.push(f"unmount {target!r}", lambda: self.mounter.unmount(target))
+            self._remember_target(record, target, readonly)
 
     def _publish_source(
         self, record: StageRecord, protocol: VolumeProtocol
@@ -174,30 +208,43 @@ class NodeVolumes:
             self.records.save(record)
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
-        target = os.path.normpath(target_path)
+        target = checked_path(target_path, "target_path")
         with self._locked(volume_id, "NodeUnpublishVolume"):
             self.mounter.unmount_all(target)
-            _remove_target(target)
             record = self.records.load(volume_id)
-            if record is not None and target in record.targets:
-                del record.targets[target]
+            if record is None:
+                return  # nothing says Berth created the target, so it stays (CSI: the SP removes only its own)
+            if target in record.created:
+                self._remove_created(record, target)
+            if record.targets.pop(target, None) is not None:
                 self.records.save(record)
+
+    def _remove_created(self, record: StageRecord, target: str) -> None:
+        remove_created(target)
+        record.created.remove(target)
+        self.records.save(record)
 
     # --- stats and expand ---
 
-    def _record_for_path(self, volume_id: str, path: str) -> StageRecord:
+    def _record_for_path(self, volume_id: str, path: str) -> tuple[StageRecord, str]:
+        """The record of a volume staged or published at `path`, and the path in canonical form."""
+        try:
+            # csi-sanity asks for stats at "some/path" and expects NOT_FOUND: a path that cannot name a staging
+            # or target path names no volume.
+            path = canonical_path(path, "volume_path")
+        except InvalidPath as err:
+            raise VolumeNotFound(f"volume {volume_id} is not staged or published at {path!r}: {err}") from err
         record = self.records.load(volume_id)
         if record is None:
             raise VolumeNotFound(f"volume {volume_id} is not staged or published on this node")
-        path = os.path.normpath(path)
         if path != os.path.normpath(record.staging_path) and path not in record.targets:
-            raise VolumeNotFound(f"volume {volume_id} is not staged or published at {path}")
+            raise VolumeNotFound(f"volume {volume_id} is not staged or published at {path!r}")
         if path in record.targets and not self.mounter.table.is_mountpoint(path):
-            raise VolumeNotFound(f"volume {volume_id} is no longer published at {path}")
-        return record
+            raise VolumeNotFound(f"volume {volume_id} is no longer published at {path!r}")
+        return record, path
 
     def stats(self, volume_id: str, path: str) -> VolumeStats:
-        record = self._record_for_path(volume_id, path)
+        record, path = self._record_for_path(volume_id, path)
         protocol = self._protocol(record.protocol)
         problem = protocol.condition(record)
         if record.access_type == BLOCK:
@@ -208,15 +255,15 @@ class NodeVolumes:
                 return VolumeStats(None, True, problem or str(err), block=True)
             return VolumeStats(Usage(size, 0, 0, 0, 0, 0), problem is not None, problem or "", block=True)
         try:
-            measured = bounded(lambda: self.statfs(os.path.normpath(path)))
+            measured = bounded(lambda: self.statfs(path))
         except OSError as err:
             reason = "I/O error" if err.errno == errno.EIO else (err.strerror or str(err))
-            return VolumeStats(None, True, problem or f"cannot read {path}: {reason}", block=False)
+            return VolumeStats(None, True, problem or f"cannot read {path!r}: {reason}", block=False)
         return VolumeStats(measured, problem is not None, problem or "", block=False)
 
     def expand(self, volume_id: str, path: str) -> int:
         with self._locked(volume_id, "NodeExpandVolume"):
-            record = self._record_for_path(volume_id, path)
+            record, _ = self._record_for_path(volume_id, path)
             return self._protocol(record.protocol).expand(record)
 
 
@@ -231,25 +278,14 @@ def _check_same_staging(existing: StageRecord, wanted: StageRecord) -> None:
             )
 
 
-def _create_target(target: str, block: bool) -> None:
-    """Block: the device node is bound onto a file; mount: onto a directory. The CO made the parent."""
-    if block:
-        if os.path.isdir(target):
-            raise MountConflict(f"target {target} is a directory; raw block needs a file")
-        fd = os.open(target, os.O_CREAT | os.O_WRONLY, 0o600)
-        os.close(fd)
-    else:
-        os.makedirs(target, exist_ok=True)
-
-
-def _remove_target(target: str) -> None:
-    """Remove what publish created (CSI: the SP deletes target_path); leave anything non-empty alone."""
+def _differs(existing: StageRecord, wanted: StageRecord) -> bool:
     try:
-        if os.path.isdir(target):
-            os.rmdir(target)
-        else:
-            os.unlink(target)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise MountConflict(f"cannot remove target {target}: {err.strerror}") from err
+        _check_same_staging(existing, wanted)
+    except MountConflict:
+        return True
+    return False
+
+
+def _binds_a_single_path(entry: MountEntry, single_paths: set[str]) -> bool:
+    """A raw block bind of one path behind the volume's multipath map (devtmpfs root "/sdX")."""
+    return entry.fs_type == "devtmpfs" and entry.root.lstrip("/") in single_paths

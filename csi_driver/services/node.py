@@ -31,11 +31,13 @@ _READ_ONLY_MODES = (_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY)
 # Most specific first: the first matching class decides the code.
 NODE_ERROR_CODES: ErrorCodes = [
     (errors.InvalidVolume, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.InvalidPath, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.MountConflict, grpc.StatusCode.ALREADY_EXISTS),
     (errors.NotStaged, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.WrongAccess, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.StillInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.PathBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.OperationInFlight, grpc.StatusCode.ABORTED),
     (errors.LoginRefused, grpc.StatusCode.PERMISSION_DENIED),
     (errors.CommandTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -124,7 +126,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             staging_path=request.staging_target_path,
             target_path=target,
             access_type=kind,
-            readonly=request.readonly,
+            readonly=request.readonly or capability.access_mode.mode in _READ_ONLY_MODES,
             access_mode=capability.access_mode.mode,
             mount_flags=tuple(capability.mount.mount_flags) if kind == MOUNT else (),
         )
@@ -170,20 +172,29 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 def make_node_service(
     node_id: str, state_dir: str, max_volumes_per_node: int = 0, protocols: Sequence[str] = ("iscsi", "nfs")
 ) -> NodeService:
-    """Wire layer 3 for a real node: local commands, the kernel's mount table, os-brick for iSCSI."""
+    """Wire layer 3 for a real node: local commands, the kernel's mount table, os-brick for iSCSI.
+    A node ID Kubernetes cannot store is a ConfigError: the program stops at start-up and says why."""
+    from csi_driver.config import ConfigError
     from csi_driver.node.commands import LocalRunner
     from csi_driver.node.filesystems import Filesystems
-    from csi_driver.node.iscsi import IscsiVolumes, brick_connector_factory
+    from csi_driver.node.identity import NodeIdTooLong, check_node_id
+    from csi_driver.node.iscsi import IscsiVolumes, brick_connector_factory, brick_lock_sweeper
     from csi_driver.node.mounts import Mounter
     from csi_driver.node.nfs import NfsVolumes
 
+    try:
+        check_node_id(node_id)
+    except NodeIdTooLong as err:
+        raise ConfigError(str(err)) from err
     runner = LocalRunner()
     mounter = Mounter(runner)
     filesystems = Filesystems(runner, mounter)
     served: dict[str, VolumeProtocol] = {}
     if "iscsi" in protocols:
         lock_dir = os.path.join(state_dir, "locks")
-        served["iscsi"] = IscsiVolumes(runner, mounter, filesystems, brick_connector_factory(lock_dir))
+        served["iscsi"] = IscsiVolumes(
+            runner, mounter, filesystems, brick_connector_factory(lock_dir), sweep_locks=brick_lock_sweeper(lock_dir)
+        )
     if "nfs" in protocols:
         served["nfs"] = NfsVolumes(mounter)
     return NodeService(node_id, NodeVolumes(state_dir, served, mounter, filesystems), max_volumes_per_node)

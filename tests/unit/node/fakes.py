@@ -48,6 +48,7 @@ class FakeSystem:
         self.blank_devices: set[str] = set()
         self.fs_types: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
+        self.fs_sizes: dict[str, int] = {}  # device → bytes its filesystem spans (mkfs: the whole device)
 
     def commands(self, name: str) -> list[list[str]]:
         return [c for c in self.calls if c[0] == name]
@@ -77,6 +78,18 @@ class FakeSystem:
             return Result(0, f"DEVNAME={device}\nTYPE={fs}\n", "") if fs else Result(2, "", "")
         if name.startswith("mkfs."):
             self.fs_types[args[-1]] = name.split(".", 1)[1]
+            self.fs_sizes[args[-1]] = self.sizes.get(args[-1], 0)
+            return Result(0, "", "")
+        if name == "dumpe2fs":
+            return Result(0, f"Block count:              {self.fs_sizes[args[-1]] // 4096}\nBlock size:  4096\n", "")
+        if name == "xfs_info":
+            device = self._device_at(args[-1])
+            blocks = self.fs_sizes[device] // 4096
+            return Result(0, f"meta-data=x isize=512\ndata     =        bsize=4096   blocks={blocks}, imaxpct=25\n", "")
+        if name in ("resize2fs", "xfs_growfs"):
+            mounted = self.table.at(args[-1])
+            device = args[-1] if name == "resize2fs" else mounted.source if mounted else ""
+            self.fs_sizes[device] = self.sizes.get(device, 0)
             return Result(0, "", "")
         if name == "blockdev" and args[1] == "--getsize64":
             return Result(0, f"{self.sizes.get(args[-1], 0)}\n", "")
@@ -88,6 +101,11 @@ class FakeSystem:
                 return Result(32, "", f"umount: {target}: not mounted.")
             self.table.remove_top(target)
         return Result(0, "", "")
+
+    def _device_at(self, mount_path: str) -> str:
+        entry = self.table.at(mount_path)
+        assert entry is not None, f"nothing mounted at {mount_path}"
+        return entry.source
 
     def _mount(self, args: list[str]) -> Result:
         source, target = args[-2], args[-1]
