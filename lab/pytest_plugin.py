@@ -28,6 +28,7 @@ _active: Lab | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "lab: needs the qemu storage lab (real kernel iSCSI/LIO/NFS/LVM in guests)")
+    config.addinivalue_line("markers", "k8s: needs the lab with its Kubernetes cluster (kubelet, sidecars, Helm)")
 
 
 def _clean_stale_runs() -> None:
@@ -44,6 +45,16 @@ def _clean_stale_runs() -> None:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
+    yield from _session_lab(kubernetes=False)
+
+
+@pytest.fixture(scope="session")
+def kube_lab() -> Iterator[Lab]:
+    """The lab with a Kubernetes cluster (lab.cluster): `kube_lab.cluster.control_plane.kubectl(...)`."""
+    yield from _session_lab(kubernetes=True)
+
+
+def _session_lab(kubernetes: bool) -> Iterator[Lab]:
     global _active
     if not config.qemu_binary():
         pytest.skip(
@@ -52,14 +63,14 @@ def lab() -> Iterator[Lab]:
         )
     if os.environ.get("BERTH_LAB_REUSE") == "1" and (config.RUN_DIR / STATE).exists():
         existing = Lab.attach(config.RUN_DIR)
-        if all(existing.alive().values()):
+        if all(existing.alive().values()) and bool(existing.cluster) == kubernetes:
             existing.sync()
             _active = existing
             yield existing
             _active = None
             return
     _clean_stale_runs()
-    lab = Lab(config.LAB_DIR / "run" / f"pytest-{os.getpid()}", owner_bound=True)
+    lab = Lab(config.LAB_DIR / "run" / f"pytest-{os.getpid()}", owner_bound=True, kubernetes=kubernetes)
     # SIGTERM (CI timeout, kill) would end pytest without teardown: turn it into a KeyboardInterrupt.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -84,7 +95,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         report.failed
         and report.when in ("setup", "call")
         and _active is not None
-        and "lab" in getattr(item, "fixturenames", ())
+        and {"lab", "kube_lab"} & set(getattr(item, "fixturenames", ()))
     ):
         dest = ARTIFACTS / re.sub(r"[^\w.-]+", "_", item.nodeid).strip("_")
         try:
