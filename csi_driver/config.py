@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,11 @@ from typing import Any, Literal
 import yaml
 
 DEFAULT_DRIVER_NAME = "berth.csi.io"
+# A ratio above this is a typo, not a policy: it would let one volume promise 100 times the pool.
+MAX_OVER_PROVISIONING_RATIO = 100.0
+# Volume IDs are "<backend>/<vol- or snap- + 20 hex>": this keeps them within CSI's 128 bytes.
+MAX_BACKEND_NAME_BYTES = 100
+_BACKEND_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]*")
 
 
 class ConfigError(Exception):
@@ -34,6 +40,7 @@ class HostConfig:
     ssh_known_hosts_file: str | None = None
     # "yes" in production (pin the host key in ssh_known_hosts_file); "accept-new" trusts the first key seen.
     ssh_strict_host_key_checking: Literal["yes", "accept-new"] = "yes"
+    # Bounds how long a call to a dead host waits before UNAVAILABLE (docs/storage-host.md).
     ssh_connect_timeout_seconds: int = 10
 
 
@@ -41,7 +48,8 @@ class HostConfig:
 class LvmConfig:
     volume_group: str
     thin_pool: str
-    # Thin pools can promise more than they hold; GetCapacity reports free space times this ratio.
+    # Thin pools can promise more than they hold: the volumes' sizes may add up to the pool's size times this
+    # ratio (GetCapacity reports free space times it), and no single volume may be larger than that either.
     over_provisioning_ratio: float = 1.0
 
 
@@ -56,7 +64,8 @@ class NfsConfig:
     server: str
     export_root: str = "/srv/berth"
     filesystem: Literal["xfs", "ext4"] = "xfs"
-    export_options: str = "rw,sync,no_subtree_check,no_root_squash"
+    # root_squash: root on a node is nobody on the export (docs/nfs.md); a StorageClass may ask for more.
+    export_options: str = "rw,sync,no_subtree_check,root_squash"
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,19 @@ def parse_config(data: Any) -> Config:
 
 def _check_consistency(config: Config) -> None:
     for name, backend in config.backends.items():
+        if not _BACKEND_NAME_RE.fullmatch(name) or len(name) > MAX_BACKEND_NAME_BYTES:
+            raise ConfigError(
+                f"key 'backends.{name}': a backend name is 1-{MAX_BACKEND_NAME_BYTES} of [A-Za-z0-9+_.-], starting "
+                "alphanumeric (it is part of every volume ID)"
+            )
+        ratio = backend.lvm.over_provisioning_ratio
+        if not 0 < ratio <= MAX_OVER_PROVISIONING_RATIO:
+            raise ConfigError(
+                f"key 'backends.{name}.lvm.over_provisioning_ratio': expected a number above 0 and at most "
+                f"{MAX_OVER_PROVISIONING_RATIO:g}, got {ratio:g}"
+            )
+        if not 1 <= backend.host.ssh_connect_timeout_seconds <= 120:
+            raise ConfigError(f"key 'backends.{name}.host.ssh_connect_timeout_seconds': expected 1 to 120 seconds")
         if backend.protocol == "iscsi" and backend.iscsi is None:
             raise ConfigError(f"key 'backends.{name}.iscsi': required when protocol is 'iscsi'")
         if backend.protocol == "nfs" and backend.nfs is None:

@@ -15,13 +15,22 @@ from dataclasses import dataclass
 NODE_ID_SEPARATOR = "|"
 ADDRESS_SEPARATOR = ","
 VOLUME_ID_SEPARATOR = "/"
-# CSI recommends IDs of at most 128 bytes; the spec makes it a SHOULD, so we warn via the error text only.
+# CSI's general size limit for strings; Berth's volume and snapshot IDs stay within it (config limits backend names).
 RECOMMENDED_MAX_ID_BYTES = 128
+# The spec's own limit for node IDs (NodeGetInfoResponse.node_id).
+MAX_NODE_ID_BYTES = 256
 
-# RFC 3720 names as open-iscsi writes them; the separators we use can never appear inside one.
-_IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[A-Za-z0-9][A-Za-z0-9.-]*(:[^\s|,]+)?|eui\.[0-9A-Fa-f]{16})$")
+# THE rule for iSCSI initiator names (RFC 3720 iqn/eui/naa, in the charset LIO accepts; LIO stores iqn names
+# lower-case), used by the node ID, the controller and the storage host alike, so a node ID the controller accepts
+# never fails at publish. lio_host.py must keep a verbatim copy (it runs alone on the host); a unit test keeps them
+# equal. None of these characters is a node ID separator.
+IQN_PATTERN = r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(?::[A-Za-z0-9.:_-]+)?"
+EUI_PATTERN = r"eui\.[0-9A-Fa-f]{16}"
+NAA_PATTERN = r"naa\.[0-9A-Fa-f]{16}(?:[0-9A-Fa-f]{16})?"
+MAX_INITIATOR_NAME_BYTES = 223
+_INITIATOR_RE = re.compile(f"{IQN_PATTERN}|{EUI_PATTERN}|{NAA_PATTERN}")
 # Backend names come from the config; LV names from storage/ids.py. Both are conservative charsets.
-_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}$")
+_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}")
 
 
 class InvalidId(ValueError):
@@ -49,6 +58,8 @@ def encode_node_id(iqn: str, addresses: list[str] | tuple[str, ...]) -> str:
 
 def parse_node_id(node_id: str) -> NodeId:
     """Split a node ID into IQN and addresses; a node ID that does not parse names no node."""
+    if len(node_id.encode()) > MAX_NODE_ID_BYTES:
+        raise InvalidId(f"node ID is {len(node_id.encode())} bytes, CSI allows {MAX_NODE_ID_BYTES}")
     iqn, sep, rest = node_id.partition(NODE_ID_SEPARATOR)
     if not sep:
         raise InvalidId(f"node ID {node_id!r} has no '|' between initiator IQN and addresses")
@@ -69,6 +80,8 @@ def join_volume_id(backend: str, lv: str) -> str:
 
 def split_volume_id(volume_id: str) -> tuple[str, str]:
     """`<backend>/<lv>` → (backend, lv); raises InvalidId for anything else (sanity's `fake-vol-id`)."""
+    if len(volume_id.encode()) > RECOMMENDED_MAX_ID_BYTES:
+        raise InvalidId(f"ID is {len(volume_id.encode())} bytes; Berth's IDs are at most {RECOMMENDED_MAX_ID_BYTES}")
     backend, sep, lv = volume_id.partition(VOLUME_ID_SEPARATOR)
     if not sep:
         raise InvalidId(f"ID {volume_id!r} is not '<backend>/<lv>'")
@@ -77,9 +90,15 @@ def split_volume_id(volume_id: str) -> tuple[str, str]:
     return backend, lv
 
 
+def is_initiator_name(name: str) -> bool:
+    return len(name) <= MAX_INITIATOR_NAME_BYTES and bool(_INITIATOR_RE.fullmatch(name))
+
+
 def _check_iqn(iqn: str) -> None:
-    if not _IQN_RE.match(iqn or ""):
-        raise InvalidId(f"{iqn!r} is not an initiator name (iqn.yyyy-mm.domain[:id] or eui.<16 hex>)")
+    if not is_initiator_name(iqn or ""):
+        raise InvalidId(
+            f"{iqn!r} is not an initiator name (iqn.yyyy-mm.domain[:id] in lower case, eui.<16 hex> or naa.<hex>)"
+        )
 
 
 def _check_address(address: str) -> None:
@@ -90,5 +109,5 @@ def _check_address(address: str) -> None:
 
 
 def _check_part(what: str, value: str) -> None:
-    if not _PART_RE.match(value or ""):
+    if not _PART_RE.fullmatch(value or ""):
         raise InvalidId(f"{what} {value!r} must be 1-127 of [A-Za-z0-9+_.-], starting alphanumeric")

@@ -23,10 +23,11 @@ from .errors import (
     InUse,
     InvalidRequest,
     NotFound,
+    OutOfRange,
     StorageError,
 )
 from .ids import snapshot_lv_name, volume_lv_name
-from .lvm import LvInfo, ThinPool
+from .lvm import LvInfo, PoolCapacity, ThinPool
 
 log = logging.getLogger("berth.storage")
 
@@ -38,6 +39,15 @@ KEY_BACKEND = "backend"
 PUBLISHED_PREFIX = "pub."
 # Failures a retry may get past; a volume that hit one stays half-made for the retry to finish.
 TRANSIENT_ERRORS = (Busy, CommandTimeout, HostUnreachable)
+# No volume is ever larger, whatever the over-provisioning policy says: no pool Berth serves comes near it, and every
+# size stays exact where a tool parses it as a double (2**53). Requests of 2**62 bytes and more once reached
+# lvextend and the storage host; now they stop here with OUT_OF_RANGE.
+MAX_VOLUME_BYTES = 1 << 53
+# StorageClass parameters that only one protocol understands: parameter → protocol.
+EXPORT_OPTIONS_PARAMETER = "nfsExportOptions"
+PROTOCOL_PARAMETERS = {EXPORT_OPTIONS_PARAMETER: "nfs"}
+# The config key of the policy, named in every message that refuses a size because of it.
+POLICY_KEY = "backends.{backend}.lvm.over_provisioning_ratio"
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,13 @@ class Exporter(Protocol):
         """The smallest volume that works with these StorageClass parameters (e.g. the filesystem's minimum)."""
         ...
 
-    def prepare(self, lv: LvInfo, fresh: bool) -> None:
-        """Make a new (or half-created) volume exportable, e.g. create its filesystem when `fresh`."""
+    def check_parameters(self, parameters: Mapping[str, str]) -> None:
+        """Refuse (InvalidRequest) StorageClass parameters this protocol cannot honour, before anything is made."""
+        ...
+
+    def prepare(self, lv: LvInfo, fresh: bool, max_bytes: int) -> None:
+        """Make a new (or half-created) volume exportable, e.g. create its filesystem when `fresh`; a clone's
+        filesystem grows to its LV. max_bytes: the backend's size limit (the host refuses to grow beyond it)."""
         ...
 
     def publish(self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]) -> dict[str, str]:
@@ -122,8 +137,9 @@ class Exporter(Protocol):
         """Remove every export of the volume before the LV goes. Idempotent."""
         ...
 
-    def grown(self, lv: LvInfo) -> bool:
-        """Called after the LV grew; returns whether the node must also expand (NodeExpandVolume)."""
+    def grown(self, lv: LvInfo, max_bytes: int) -> bool:
+        """Called after the LV grew, and on every retry of an expansion (so a grow that failed half-way is
+        finished); returns whether the node must also expand (NodeExpandVolume). Idempotent."""
         ...
 
     @contextmanager
@@ -168,26 +184,17 @@ class LvmBackend:
         if source is not None:
             meta[meta_keys.KEY_SOURCE] = source.encode()
         existing = self.pool.find(lv)
+        max_bytes: int | None = None
         if existing is not None:
             self._check_same_request(existing, meta, required_bytes, limit_bytes)
         else:
+            self._check_parameters(parameters)
             source_info = self._source_info(source) if source is not None else None
-            if not required_bytes:
-                # No size asked: a clone is as large as its source, a new volume gets the default.
-                required_bytes = source_info.size_bytes if source_info is not None else default_bytes
-            minimum = self.exporter.minimum_bytes(parameters)
-            if limit_bytes and limit_bytes < minimum:
-                raise InvalidRequest(
-                    f"limit_bytes {limit_bytes} is below {minimum} bytes, the smallest volume this backend's "
-                    "filesystem can hold (xfs needs 300 MiB; ext4 has no such minimum)"
-                )
-            size = self.pool.round_size(max(required_bytes, minimum))
-            if limit_bytes and size > limit_bytes:
-                raise InvalidRequest(
-                    f"capacity {required_bytes} rounds up to {size} bytes (extent {self.pool.extent_size()} bytes), "
-                    f"above the limit of {limit_bytes} bytes"
-                )
-            available = self.available_bytes()
+            size = self._new_volume_size(required_bytes, limit_bytes, parameters, source_info, default_bytes)
+            capacity = self.pool.capacity()
+            max_bytes = self._size_limit(capacity)
+            self._check_limit(size, required_bytes or size, max_bytes, capacity, "requested size")
+            available = self._available(capacity)
             if size > available:
                 raise CapacityExhausted(
                     f"backend {self.name} can offer {available} more bytes (thin pool free space x "
@@ -201,13 +208,56 @@ class LvmBackend:
         if existing.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
             # A fresh LV, or one a crashed earlier attempt left half-made: finish it.
             try:
-                self.exporter.prepare(existing, fresh=source is None)
+                if max_bytes is None:
+                    max_bytes = self.size_limit()
+                self.exporter.prepare(existing, fresh=source is None, max_bytes=max_bytes)
             except StorageError as err:
                 if not isinstance(err, TRANSIENT_ERRORS):
                     self._discard_unfinished(existing, err)
                 raise
             existing = self.pool.update_meta(lv, {meta_keys.KEY_STATE: meta_keys.STATE_READY})
         return self._volume(existing)
+
+    def _check_parameters(self, parameters: Mapping[str, str]) -> None:
+        for key, protocol in PROTOCOL_PARAMETERS.items():
+            if key in parameters and protocol != self.protocol:
+                raise InvalidRequest(
+                    f"StorageClass parameter {key} applies to {protocol} backends; "
+                    f"backend {self.name} is {self.protocol}"
+                )
+        self.exporter.check_parameters(parameters)
+
+    def _new_volume_size(
+        self,
+        required_bytes: int,
+        limit_bytes: int,
+        parameters: Mapping[str, str],
+        source: LvInfo | None,
+        default_bytes: int,
+    ) -> int:
+        """The size a new volume gets: what was asked (or its source's size, or the default), at least the
+        filesystem's minimum and the source's size, rounded up to extents; OutOfRange when that breaks limit_bytes."""
+        if not required_bytes:
+            # No size asked: a clone is as large as its source, a new volume gets the default.
+            required_bytes = source.size_bytes if source is not None else default_bytes
+        minimum = self.exporter.minimum_bytes(parameters)
+        if limit_bytes and limit_bytes < minimum:
+            raise OutOfRange(
+                f"limit_bytes {limit_bytes} is below {minimum} bytes, the smallest volume this backend's "
+                "filesystem can hold (xfs needs 300 MiB; ext4 has no such minimum)"
+            )
+        if source is not None and limit_bytes and limit_bytes < source.size_bytes:
+            raise OutOfRange(
+                f"limit_bytes {limit_bytes} is below the size of the source ({source.size_bytes} bytes): "
+                "a clone or restore is at least as large as its source"
+            )
+        size = self.pool.round_size(max(required_bytes, minimum, source.size_bytes if source else 0))
+        if limit_bytes and size > limit_bytes:
+            raise OutOfRange(
+                f"capacity {required_bytes} rounds up to {size} bytes (extent {self.pool.extent_size()} bytes), "
+                f"above the limit of {limit_bytes} bytes"
+            )
+        return size
 
     def _discard_unfinished(self, info: LvInfo, cause: Exception) -> None:
         """A volume that failed to finish was never handed out: remove it now, so that a CO that gives up
@@ -266,16 +316,31 @@ class LvmBackend:
         self.pool.remove(lv)
 
     def expand_volume(self, lv: str, required_bytes: int, limit_bytes: int) -> tuple[int, bool]:
-        """Grow the volume; returns (new size, whether the node must expand too)."""
+        """Grow the volume; returns (new size, whether the node must expand too).
+
+        OutOfRange above the backend's size limit, CapacityExhausted when the growth does not fit what the pool
+        may still promise; both before anything on the host changes.
+        """
         volume = self.get_volume(lv)
         size = self.pool.round_size(required_bytes)
         if limit_bytes and size > limit_bytes:
-            raise InvalidRequest(f"capacity {required_bytes} rounds up to {size}, above the limit {limit_bytes}")
-        if size <= volume.size_bytes:
-            return volume.size_bytes, self.exporter.protocol == "iscsi"
-        self.pool.resize(lv, size)
+            raise OutOfRange(f"capacity {required_bytes} rounds up to {size}, above the limit {limit_bytes}")
+        capacity = self.pool.capacity()
+        max_bytes = self._size_limit(capacity)
+        if size > volume.size_bytes:
+            self._check_limit(size, required_bytes, max_bytes, capacity, "expansion to")
+            available = self._available(capacity)
+            if size - volume.size_bytes > available:
+                raise CapacityExhausted(
+                    f"growing {self.name}/{lv} by {size - volume.size_bytes} bytes needs more than the {available} "
+                    f"bytes backend {self.name} can still offer (thin pool free space x over-provisioning ratio "
+                    f"{self.over_provisioning_ratio})"
+                )
+            self.pool.resize(lv, size)
+        # Also when the LV already had the size: a retry after lvextend succeeded and the filesystem grow failed
+        # must still grow the filesystem (the exporter checks whether it is smaller than the LV).
         grown = self.pool.get(lv)
-        return grown.size_bytes, self.exporter.grown(grown)
+        return grown.size_bytes, self.exporter.grown(grown, max_bytes)
 
     # --- publication ---
 
@@ -356,12 +421,38 @@ class LvmBackend:
     # --- capacity ---
 
     def available_bytes(self) -> int:
-        capacity = self.pool.capacity()
+        return self._available(self.pool.capacity())
+
+    def _available(self, capacity: PoolCapacity) -> int:
         promised = sum(v.size_bytes for v in self.list_volumes())
         # Thin pools promise more than they hold: offer the ratio times the pool, minus what is promised,
         # but never more than what is physically free times the ratio.
         by_ratio = int(capacity.size_bytes * self.over_provisioning_ratio) - promised
         return max(0, min(by_ratio, int(capacity.free_bytes * self.over_provisioning_ratio)))
+
+    def size_limit(self) -> int:
+        """The largest volume this backend ever makes (see _size_limit)."""
+        return self._size_limit(self.pool.capacity())
+
+    def _size_limit(self, capacity: PoolCapacity) -> int:
+        """No single volume may promise more than the whole pool may: the thin pool's size times the
+        over-provisioning ratio, rounded down to extents, and never above MAX_VOLUME_BYTES."""
+        extent = self.pool.extent_size()
+        by_policy = int(capacity.size_bytes * self.over_provisioning_ratio) // extent * extent
+        return min(by_policy, MAX_VOLUME_BYTES)
+
+    def _check_limit(self, size: int, requested: int, max_bytes: int, capacity: PoolCapacity, what: str) -> None:
+        """OutOfRange naming the request as asked (`requested`; `size` is it rounded up to extents)."""
+        if size <= max_bytes:
+            return
+        key = POLICY_KEY.format(backend=self.name)
+        raise OutOfRange(
+            f"{what} {requested} bytes ({human_bytes(requested)}) is above the limit of backend {self.name}, "
+            f"{max_bytes} bytes "
+            f"({human_bytes(max_bytes)}): a volume may be at most the thin pool's size "
+            f"({human_bytes(capacity.size_bytes)}) times {key} ({self.over_provisioning_ratio:g}), and never more "
+            f"than {human_bytes(MAX_VOLUME_BYTES)}"
+        )
 
     def _owned(self, info: LvInfo | None, kind: str) -> bool:
         return (
@@ -397,6 +488,16 @@ class LvmBackend:
             size_bytes=info.size_bytes,
             created=info.created or datetime.now(UTC),
         )
+
+
+def human_bytes(size: int) -> str:
+    """1073741824 → '1 GiB', 5.1 PiB stays readable; for messages only."""
+    value, unit = float(size), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
+            break
+        value /= 1024
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
 
 
 def _comparable(key: str) -> bool:

@@ -2,8 +2,8 @@
 
 The CSI service layer maps these to gRPC status codes; nothing here knows gRPC.
 Suggested mapping: NotFound→NOT_FOUND, AlreadyExists→ALREADY_EXISTS,
-CapacityExhausted→RESOURCE_EXHAUSTED, InvalidRequest→INVALID_ARGUMENT,
-InUse→FAILED_PRECONDITION, Busy→ABORTED, HostUnreachable→UNAVAILABLE,
+CapacityExhausted→RESOURCE_EXHAUSTED, OutOfRange→OUT_OF_RANGE, InvalidRequest→INVALID_ARGUMENT,
+InUse→FAILED_PRECONDITION, HostNotReady→FAILED_PRECONDITION, Busy→ABORTED, HostUnreachable→UNAVAILABLE,
 CommandTimeout→DEADLINE_EXCEEDED, anything else→INTERNAL.
 """
 
@@ -36,12 +36,21 @@ class CapacityExhausted(StorageError):
     """The pool or volume group cannot hold the request."""
 
 
+class OutOfRange(StorageError):
+    """The requested size is one this backend will never serve (above its limit, below a source's size)."""
+
+
 class InvalidRequest(StorageError):
     """The request is malformed (bad name, size, IQN, portal, tag...)."""
 
 
 class InUse(StorageError):
     """The object is open or referenced and cannot be changed or removed now."""
+
+
+class HostNotReady(StorageError):
+    """The storage host lacks something Berth needs (a package, the volume group, the thin pool): an operator
+    must fix the host or the config; retrying the same call will not help."""
 
 
 class Busy(StorageError):

@@ -10,6 +10,8 @@ import hashlib
 import re
 import uuid
 
+from csi_driver.ids import IQN_PATTERN, MAX_INITIATOR_NAME_BYTES, is_initiator_name
+
 from .errors import InvalidRequest
 
 VOLUME_PREFIX = "vol-"
@@ -17,12 +19,9 @@ SNAPSHOT_PREFIX = "snap-"
 # 20 hex = 80 bits: collisions are negligible, and the full CSI name is kept in a tag and checked.
 NAME_HASH_HEX = 20
 # LVM LV names: [A-Za-z0-9+_.-], not starting with '-', max 127 chars; we use a stricter subset.
-_LV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}$")
+_LV_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}")
 _VG_NAME_RE = _LV_NAME_RE
-# RFC 3720 iqn: iqn.yyyy-mm.reversed.domain[:anything]; we keep the charset conservative.
-_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9.:_-]+)?$")
-_EUI_RE = re.compile(r"^eui\.[0-9A-Fa-f]{16}$")
-_NAA_RE = re.compile(r"^naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?$")
+_IQN_RE = re.compile(IQN_PATTERN)  # target names: iqn only
 # LIO NAA IEEE registered extended identifiers use the Linux OUI 00:14:05 by default.
 LIO_NAA_PREFIX = "6001405"
 
@@ -48,20 +47,20 @@ def is_berth_lv(lv_name: str) -> bool:
 
 
 def check_lv_name(name: str) -> str:
-    if not _LV_NAME_RE.match(name) or name in (".", "..") or name.startswith("snapshot"):
+    if not _LV_NAME_RE.fullmatch(name) or name in (".", "..") or name.startswith("snapshot"):
         raise InvalidRequest(f"invalid LV name {name!r}")
     return name
 
 
 def check_vg_name(name: str) -> str:
-    if not _VG_NAME_RE.match(name):
+    if not _VG_NAME_RE.fullmatch(name):
         raise InvalidRequest(f"invalid VG/pool name {name!r}")
     return name
 
 
 def check_initiator(iqn: str) -> str:
-    """Accept iqn./eui./naa. initiator names (LIO lower-cases iqn names itself)."""
-    if len(iqn) > 223 or not (_IQN_RE.match(iqn) or _EUI_RE.match(iqn) or _NAA_RE.match(iqn)):
+    """Accept iqn./eui./naa. initiator names: the one rule of csi_driver.ids."""
+    if not is_initiator_name(iqn):
         raise InvalidRequest(f"invalid iSCSI initiator name {iqn!r}")
     return iqn
 
@@ -69,7 +68,7 @@ def check_initiator(iqn: str) -> str:
 def target_iqn(iqn_prefix: str, lv_name: str) -> str:
     """One target per volume: <prefix>:<lv name>. LIO stores iqn names lower-case."""
     iqn = f"{iqn_prefix.rstrip(':')}:{check_lv_name(lv_name)}".lower()
-    if not _IQN_RE.match(iqn) or len(iqn) > 223:
+    if not _IQN_RE.fullmatch(iqn) or len(iqn) > MAX_INITIATOR_NAME_BYTES:
         raise InvalidRequest(f"invalid target IQN {iqn!r} (check iqn_prefix)")
     return iqn
 

@@ -46,8 +46,12 @@ class IscsiExporter:
         # The node makes the filesystem of a mount volume; fsType is the StorageClass's choice.
         return filesystem_minimum_bytes(parameters.get("fsType", ""))
 
-    def prepare(self, lv: LvInfo, fresh: bool) -> None:
-        """Nothing to do: the target is created on first publish, so unpublished volumes cost LIO nothing."""
+    def check_parameters(self, parameters: Mapping[str, str]) -> None:
+        """Nothing iSCSI-specific: fsType is checked with the volume capabilities."""
+
+    def prepare(self, lv: LvInfo, fresh: bool, max_bytes: int) -> None:
+        """Nothing to do: the target is created on first publish, so unpublished volumes cost LIO nothing.
+        A clone larger than its source has a filesystem smaller than its LUN: the node grows it at stage time."""
 
     def publish(self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]) -> dict[str, str]:
         chap = chap_from_secrets(secrets)
@@ -61,7 +65,7 @@ class IscsiExporter:
     def teardown(self, lv: LvInfo) -> None:
         self.targets.unexport(lv.name)
 
-    def grown(self, lv: LvInfo) -> bool:
+    def grown(self, lv: LvInfo, max_bytes: int) -> bool:
         # LIO's block backstore reports the LV's new size at once; nodes must rescan (and resize the fs).
         return True
 

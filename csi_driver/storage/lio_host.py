@@ -38,13 +38,15 @@ TPG_TAG = 1
 LUN_INDEX = 0
 MAX_OPS = 256
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}$")
-_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[A-Za-z0-9.:_-]+)?$")
-_EUI_RE = re.compile(r"^eui\.[0-9A-Fa-f]{16}$")
-_NAA_RE = re.compile(r"^naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?$")
-_SERIAL_RE = re.compile(r"^[0-9A-Fa-f-]{8,64}$")
-_DEVICE_RE = re.compile(r"^/dev/[A-Za-z0-9+_.-]+(/[A-Za-z0-9+_.-]+)*$")
-_CHAP_RE = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces (configfs trims them)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}")
+# Verbatim copies of csi_driver.ids' initiator-name rule (this file runs alone on the host; a test keeps them equal).
+_IQN_RE = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(?::[A-Za-z0-9.:_-]+)?")
+_EUI_RE = re.compile(r"eui\.[0-9A-Fa-f]{16}")
+_NAA_RE = re.compile(r"naa\.[0-9A-Fa-f]{16}(?:[0-9A-Fa-f]{16})?")
+MAX_INITIATOR_NAME_BYTES = 223
+_SERIAL_RE = re.compile(r"[0-9A-Fa-f-]{8,64}")
+_DEVICE_RE = re.compile(r"/dev/[A-Za-z0-9+_.-]+(/[A-Za-z0-9+_.-]+)*")
+_CHAP_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces (configfs trims them)
 # Writes are refused below these paths; saveconfig is JSON the target service reads at boot.
 _SAVE_DIRS = ("/etc/", "/var/lib/", "/run/", "/tmp/")
 
@@ -71,32 +73,32 @@ class UnavailableError(RequestError):
 
 
 def check_name(value: Any, what: str = "volume") -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise RequestError(f"invalid {what} name {value!r}")
     return value
 
 
 def check_target_iqn(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > 223 or not _IQN_RE.match(value):
+    if not isinstance(value, str) or len(value) > MAX_INITIATOR_NAME_BYTES or not _IQN_RE.fullmatch(value):
         raise RequestError(f"invalid target IQN {value!r}")
     return value
 
 
 def check_initiator(value: Any) -> str:
-    ok = isinstance(value, str) and len(value) <= 223
-    if not ok or not (_IQN_RE.match(value) or _EUI_RE.match(value) or _NAA_RE.match(value)):
+    ok = isinstance(value, str) and len(value) <= MAX_INITIATOR_NAME_BYTES
+    if not ok or not (_IQN_RE.fullmatch(value) or _EUI_RE.fullmatch(value) or _NAA_RE.fullmatch(value)):
         raise RequestError(f"invalid initiator name {value!r}")
     return value
 
 
 def check_device(value: Any) -> str:
-    if not isinstance(value, str) or not _DEVICE_RE.match(value) or "/../" in value + "/":
+    if not isinstance(value, str) or not _DEVICE_RE.fullmatch(value) or "/../" in value + "/":
         raise RequestError(f"invalid device path {value!r}")
     return value
 
 
 def check_serial(value: Any) -> str:
-    if not isinstance(value, str) or not _SERIAL_RE.match(value):
+    if not isinstance(value, str) or not _SERIAL_RE.fullmatch(value):
         raise RequestError(f"invalid unit serial {value!r}")
     return value
 
@@ -152,7 +154,7 @@ def check_chap(value: Any) -> dict[str, str] | None:
     if ("mutual_user" in value) != ("mutual_password" in value):
         raise RequestError("chap.mutual_user and chap.mutual_password go together")
     for key, v in value.items():
-        if not isinstance(v, str) or not _CHAP_RE.match(v) or v == "NULL":
+        if not isinstance(v, str) or not _CHAP_RE.fullmatch(v) or v == "NULL":
             # Never echo the value: it may be a password.
             raise RequestError(f"invalid chap.{key} (1-255 printable ASCII characters, no spaces)")
     return dict(value)
@@ -194,7 +196,7 @@ def validate_op(op: Any) -> dict[str, Any]:
         fields["target"] = check_target_iqn(op.get("target"))
     elif name == "list_exports":
         prefix = op.get("iqn_prefix")
-        if not isinstance(prefix, str) or not _IQN_RE.match(prefix.rstrip(":")):
+        if not isinstance(prefix, str) or not _IQN_RE.fullmatch(prefix.rstrip(":")):
             raise RequestError(f"invalid iqn_prefix {prefix!r}")
         fields["iqn_prefix"] = prefix.rstrip(":")
     elif name == "save":

@@ -7,7 +7,6 @@ loses nothing. Commands are lvm2 2.03 (Debian 12) argument lists run through a C
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +17,7 @@ from .errors import (
     Busy,
     CapacityExhausted,
     CommandFailed,
+    HostNotReady,
     InUse,
     InvalidRequest,
     NotFound,
@@ -35,8 +35,9 @@ POOL_FIELDS = "lv_name,vg_name,lv_size,lv_attr,data_percent,metadata_percent,lv_
 VG_FIELDS = "vg_name,vg_extent_size,vg_size,vg_free"
 LVM_TIMEOUT = 120.0
 
-# stderr fragments → domain error, checked in order (lower-case). Capacity first: its messages can
-# also mention names that are "not found" elsewhere.
+# stderr fragments → domain error, checked in order (lower-case; commands run with LC_ALL=C). Capacity first: its
+# messages can also mention names. Only a missing *logical volume* is NotFound: a missing volume group, thin pool or
+# physical volume is the host's (or the config's) problem, never "your volume does not exist".
 _ERROR_PATTERNS: tuple[tuple[type[StorageError], tuple[str, ...]], ...] = (
     (
         CapacityExhausted,
@@ -48,8 +49,9 @@ _ERROR_PATTERNS: tuple[tuple[type[StorageError], tuple[str, ...]], ...] = (
             "not enough free space",
         ),
     ),
-    (NotFound, ("failed to find logical volume", "not found", "failed to find")),
     (AlreadyExists, ("already exists",)),
+    (NotFound, ("failed to find logical volume",)),
+    (HostNotReady, ("not found", "failed to find", "cannot process volume group")),
     (
         InUse,
         (
@@ -61,6 +63,11 @@ _ERROR_PATTERNS: tuple[tuple[type[StorageError], tuple[str, ...]], ...] = (
     ),
     (Busy, ("can't get lock", "resource temporarily unavailable", "failed to lock")),
 )
+# Said with every HostNotReady from LVM, so the reader knows where to look.
+HOST_NOT_READY_HINT = (
+    "the storage host lacks the volume group or thin pool this backend is configured with "
+    "(check lvm.volume_group and lvm.thin_pool, and that the VG is active on the host)"
+)
 
 
 def classify_lvm_error(err: CommandFailed) -> StorageError:
@@ -68,7 +75,7 @@ def classify_lvm_error(err: CommandFailed) -> StorageError:
     text = err.stderr.lower()
     for cls, needles in _ERROR_PATTERNS:
         if any(n in text for n in needles):
-            exc = cls(str(err))
+            exc = cls(f"{err}; {HOST_NOT_READY_HINT}" if cls is HostNotReady else str(err))
             exc.__cause__ = err
             return exc
     return err
@@ -85,6 +92,10 @@ def _num(value: object) -> float | None:
 
 
 def _int(value: object) -> int:
+    # Sizes stay exact: a float would round byte counts above 2**53.
+    text = str(value).strip().rstrip("Bb") if value is not None else ""
+    if text.isdigit():
+        return int(text)
     n = _num(value)
     return int(n) if n is not None else 0
 
@@ -178,7 +189,7 @@ class PoolCapacity:
 def round_up(size_bytes: int, extent_bytes: int) -> int:
     if size_bytes <= 0:
         raise InvalidRequest(f"size must be positive, got {size_bytes}")
-    return math.ceil(size_bytes / extent_bytes) * extent_bytes
+    return -(-size_bytes // extent_bytes) * extent_bytes  # integers: exact at any size
 
 
 class ThinPool:
@@ -212,7 +223,7 @@ class ThinPool:
             out = self._run(["vgs", *REPORT_ARGS, "-o", VG_FIELDS, self.vg])
             rows = parse_report(out, "vg")
             if not rows:
-                raise NotFound(f"volume group {self.vg} not found")
+                raise HostNotReady(f"volume group {self.vg} not found; {HOST_NOT_READY_HINT}")
             self._extent = _int(rows[0]["vg_extent_size"])
             if self._extent <= 0:
                 raise StorageError(f"bad extent size for {self.vg}: {rows[0]!r}")
@@ -253,10 +264,13 @@ class ThinPool:
         ]
 
     def capacity(self) -> PoolCapacity:
-        out = self._run(["lvs", *REPORT_ARGS, "-o", POOL_FIELDS, f"{self.vg}/{self.pool}"])
+        try:
+            out = self._run(["lvs", *REPORT_ARGS, "-o", POOL_FIELDS, f"{self.vg}/{self.pool}"])
+        except NotFound as err:
+            raise HostNotReady(f"thin pool {self.vg}/{self.pool} not found; {HOST_NOT_READY_HINT}") from err
         rows = parse_report(out, "lv")
         if not rows:
-            raise NotFound(f"thin pool {self.vg}/{self.pool} not found")
+            raise HostNotReady(f"thin pool {self.vg}/{self.pool} not found; {HOST_NOT_READY_HINT}")
         row = rows[0]
         if not row.get("lv_attr", "").startswith("t"):
             raise StorageError(f"{self.vg}/{self.pool} is not a thin pool (attr {row.get('lv_attr')})")
@@ -305,10 +319,9 @@ class ThinPool:
             self._run(argv)
         except AlreadyExists:
             return self._after_race(lv_name, tags, size)
-        except NotFound as e:
-            # The VG or pool is missing: a configuration problem, not a missing volume.
-            cause = e.__cause__
-            raise (cause if isinstance(cause, CommandFailed) else e) from None
+        except NotFound as err:
+            # The thin pool LV is missing: a configuration problem, not a missing volume.
+            raise HostNotReady(f"{err}; {HOST_NOT_READY_HINT}") from err
         return self.get(lv_name)
 
     def _after_race(self, lv_name: str, tags: Mapping[str, str], size: int | None) -> LvInfo:
@@ -378,10 +391,8 @@ class ThinPool:
             # --force: no confirmation for an active LV (stdin is not a terminal);
             # --yes answers any other prompt.
             self._run(["lvremove", "--force", "--yes", self._path(lv)])
-        except NotFound as e:
-            if "volume group" in str(e).lower():
-                raise  # the VG itself is missing: misconfiguration, not an idempotent no-op
-            return False
+        except NotFound:
+            return False  # a missing VG is HostNotReady, never this idempotent no-op
         return True
 
     def update_meta(self, lv: str, changes: Mapping[str, str | None]) -> LvInfo:

@@ -19,7 +19,8 @@ from importlib import resources
 from typing import Any, Literal
 
 from . import nfs_host
-from .backend import NodeRef, filesystem_minimum_bytes
+from . import tags as meta_keys
+from .backend import EXPORT_OPTIONS_PARAMETER, NodeRef, filesystem_minimum_bytes
 from .errors import (
     Busy,
     CommandFailed,
@@ -27,6 +28,7 @@ from .errors import (
     InUse,
     InvalidRequest,
     NotFound,
+    OutOfRange,
     StorageError,
 )
 from .ids import check_lv_name
@@ -49,6 +51,7 @@ _KIND_TO_ERROR: dict[str, type[StorageError]] = {
     "conflict": InUse,
     "in_use": InUse,
     "busy": Busy,
+    "out_of_range": OutOfRange,
 }
 
 
@@ -118,11 +121,19 @@ class NfsExporter:
     def minimum_bytes(self, parameters: Mapping[str, str]) -> int:
         return filesystem_minimum_bytes(self.filesystem)
 
-    def prepare(self, lv: LvInfo, fresh: bool) -> None:
-        """fresh: mkfs if blank, mount, root dir 0777. Clone: new filesystem UUID, mount. Both: fstab line."""
-        result = self._call(
-            "prepare", lv, {"vg": lv.vg, "filesystem": self.filesystem, "fresh": bool(fresh)}, self.prepare_timeout
-        )
+    def check_parameters(self, parameters: Mapping[str, str]) -> None:
+        options = parameters.get(EXPORT_OPTIONS_PARAMETER)
+        if options is not None:
+            try:
+                nfs_host.check_options(options)
+            except nfs_host.RequestError as err:
+                raise InvalidRequest(f"StorageClass parameter {EXPORT_OPTIONS_PARAMETER}: {err}") from err
+
+    def prepare(self, lv: LvInfo, fresh: bool, max_bytes: int) -> None:
+        """fresh: mkfs if blank, mount, root dir 1777. Clone: new filesystem UUID, mount, filesystem grown to the LV
+        (a clone larger than its source). Both: fstab line."""
+        fields = {"vg": lv.vg, "filesystem": self.filesystem, "fresh": bool(fresh), "max_bytes": max_bytes}
+        result = self._call("prepare", lv, fields, self.prepare_timeout)
         log.info("nfs volume %s prepared (%s): %s", lv.name, result.get("filesystem"), result.get("done"))
 
     def publish(
@@ -133,10 +144,13 @@ class NfsExporter:
         secrets: Mapping[str, str],
         options: str | None = None,
     ) -> dict[str, str]:
-        """Export to every address of `node` (rw or ro). `options` overrides the configured export options
-        (e.g. from a StorageClass parameter); rw/ro in it are ignored, the publication decides."""
+        """Export to every address of `node` (rw or ro). `options` overrides the export options, which are the
+        volume's StorageClass parameter nfsExportOptions, else the configured ones; rw/ro in them are ignored, the
+        publication decides."""
         if not node.addresses:
             raise InvalidRequest(f"node {node.node_id} has no IP address to export to")
+        if options is None:
+            options = meta_keys.meta_to_params(lv.meta).get(EXPORT_OPTIONS_PARAMETER)
         fields = {
             "vg": lv.vg,
             "node_id": node.node_id,
@@ -157,8 +171,10 @@ class NfsExporter:
         for warning in result.get("warnings", []):
             log.warning("nfs teardown of %s: %s", lv.name, warning)
 
-    def grown(self, lv: LvInfo) -> bool:
-        self._call("grow", lv, {"vg": lv.vg}, self.prepare_timeout)
+    def grown(self, lv: LvInfo, max_bytes: int) -> bool:
+        """Grow the filesystem on the host to its LV (nothing when it already fills it); the host refuses an LV
+        above max_bytes, so no request can make it allocate memory in proportion to a huge size."""
+        self._call("grow", lv, {"vg": lv.vg, "max_bytes": max_bytes}, self.prepare_timeout)
         return False  # NFS clients see the new size by themselves: nothing to do on nodes
 
     @contextmanager

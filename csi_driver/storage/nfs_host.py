@@ -10,7 +10,7 @@ volume, one exports file /etc/exports.d/berth-<lv>.exports per volume.
 
 Request:  {"v": 1, "op": "prepare|publish|unpublish|teardown|grow|freeze|thaw", ...fields}
 Response: {"ok": true, "result": {...}}
-          {"ok": false, "error": {"kind": "invalid|not_found|conflict|in_use|busy|failed|timeout|internal",
+          {"ok": false, "error": {"kind": "invalid|not_found|conflict|in_use|busy|out_of_range|failed|timeout|internal",
                                   "message": "...", ["argv": [...], "rc": n, "stderr": "..."]}}
 Every value is validated here again: the host trusts nobody, and commands are argument lists, never shell text.
 """
@@ -34,7 +34,12 @@ from typing import Any
 
 PROTOCOL = 1
 FILESYSTEMS = ("xfs", "ext4")
-DEFAULT_OPTIONS = "rw,sync,no_subtree_check,no_root_squash"
+# root_squash: root on a node (any pod running as root) is nobody here, so it cannot plant setuid-root files or take
+# other users' files; a StorageClass asks for no_root_squash or all_squash,anonuid=... explicitly (docs/nfs.md).
+DEFAULT_OPTIONS = "rw,sync,no_subtree_check,root_squash"
+# A fresh volume's root: every uid may create its files (a squashed root, KubeVirt's qemu 107, a pod's uid), and the
+# sticky bit keeps each from removing or renaming the others' (the /tmp rule).
+VOLUME_ROOT_MODE = 0o1777
 # nofail: a missing LV must not drop the whole storage host into emergency mode at boot.
 # x-systemd.before: nfs-server's `exportfs -r` runs after the volume is mounted (nofail alone drops that order).
 FSTAB_OPTIONS = "defaults,nofail,x-systemd.before=nfs-server.service"
@@ -44,14 +49,19 @@ LOCK_WAIT_SECONDS = 60.0
 CMD_TIMEOUT = 60.0
 MKFS_TIMEOUT = 600.0
 FSCK_TIMEOUT = 1800.0
+# xfs_growfs queues the headers of every new allocation group in memory before it writes any: growing a small xfs
+# (AGs of 256 MiB) to petabytes took the host's whole memory. Grown this many AGs at a time, the memory one step
+# needs is bounded (~32 KiB per AG) whatever the target size.
+XFS_GROW_STEP_AGS = 512
+MAX_BYTES_LIMIT = 2**63 - 1
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}$")
-_ROOT_RE = re.compile(r"^(/[A-Za-z0-9_.+-]+)+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}")
+_ROOT_RE = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
 # Export options: a conservative charset. No whitespace, '(', ')', '#', quotes (they would break the exports
 # file) and no '/' (no refer=/replicas=/mountpoint= paths).
-_OPTIONS_RE = re.compile(r"^[A-Za-z0-9_=:.,-]{1,512}$")  # "-" alone: no options besides rw/ro
-_NODE_ID_RE = re.compile(r"^[A-Za-z0-9.:|,_@+-]{1,256}$")
-_TOKEN_RE = re.compile(r"^[0-9a-f]{8,32}$")
+_OPTIONS_RE = re.compile(r"[A-Za-z0-9_=:.,-]{1,512}")  # "-" alone: no options besides rw/ro
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9.:|,_@+-]{1,256}")
+_TOKEN_RE = re.compile(r"[0-9a-f]{8,32}")
 # Paths an export root must never be under (or be): system trees.
 _FORBIDDEN_TOP = frozenset(
     {"proc", "sys", "dev", "etc", "boot", "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "run"}
@@ -80,6 +90,10 @@ class BusyError(RequestError):
     kind = "busy"
 
 
+class OutOfRangeError(RequestError):
+    kind = "out_of_range"
+
+
 class CommandError(RequestError):
     """A host command failed; carries what the controller needs to build a CommandFailed."""
 
@@ -104,14 +118,14 @@ class CommandTimeoutError(CommandError):
 
 
 def check_name(value: Any, what: str = "LV") -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value) or value.startswith("snapshot"):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or value.startswith("snapshot"):
         raise RequestError(f"invalid {what} name {value!r}")
     return value
 
 
 def check_export_root(value: Any) -> str:
     """Absolute, normalised, conservative charset, not a system tree (the root itself is never '/')."""
-    if not isinstance(value, str) or len(value) > 256 or not _ROOT_RE.match(value):
+    if not isinstance(value, str) or len(value) > 256 or not _ROOT_RE.fullmatch(value):
         raise RequestError(f"invalid export root {value!r}")
     parts = value.split("/")[1:]
     if any(p in (".", "..") for p in parts) or os.path.normpath(value) != value:
@@ -163,7 +177,7 @@ def check_options(value: Any) -> str:
     """Export options without rw/ro (set per client); reserved ones refused. Returns the normalised list."""
     if value is None:
         value = DEFAULT_OPTIONS
-    if not isinstance(value, str) or not _OPTIONS_RE.match(value):
+    if not isinstance(value, str) or not _OPTIONS_RE.fullmatch(value):
         raise RequestError(f"invalid export options {value!r} (allowed characters: A-Z a-z 0-9 _ = : . , -)")
     tokens = [t for t in value.split(",") if t]
     if not tokens:
@@ -183,7 +197,7 @@ def check_options(value: Any) -> str:
 
 
 def check_node_id(value: Any) -> str:
-    if not isinstance(value, str) or not _NODE_ID_RE.match(value):
+    if not isinstance(value, str) or not _NODE_ID_RE.fullmatch(value):
         raise RequestError(f"invalid node ID {value!r}")
     return value
 
@@ -201,11 +215,11 @@ def _check_int(value: Any, what: str, low: int, high: int) -> int:
 
 
 _FIELDS: dict[str, tuple[str, ...]] = {
-    "prepare": ("vg", "lv", "export_root", "filesystem", "fresh"),
+    "prepare": ("vg", "lv", "export_root", "filesystem", "fresh", "max_bytes"),
     "publish": ("vg", "lv", "export_root", "node_id", "addresses", "readonly", "options"),
     "unpublish": ("lv", "export_root", "node_id", "addresses"),
     "teardown": ("vg", "lv", "export_root"),
-    "grow": ("vg", "lv", "export_root"),
+    "grow": ("vg", "lv", "export_root", "max_bytes"),
     "freeze": ("vg", "lv", "export_root", "token", "thaw_after"),
     "thaw": ("lv", "export_root", "token"),
 }
@@ -246,11 +260,13 @@ def validate_request(req: Any) -> dict[str, Any]:
         elif name == "options":
             out[name] = check_options(value)
         elif name == "token":
-            if not isinstance(value, str) or not _TOKEN_RE.match(value):
+            if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
                 raise RequestError(f"invalid token {value!r}")
             out[name] = value
         elif name == "thaw_after":
             out[name] = _check_int(value, "thaw_after", 5, 600)
+        elif name == "max_bytes":
+            out[name] = _check_int(value, "max_bytes", 1, MAX_BYTES_LIMIT)
     return out
 
 
@@ -637,9 +653,11 @@ def op_prepare(host: Host, req: dict[str, Any]) -> dict[str, Any]:
         fstype, done = _ensure_mounted(host, req, req["fresh"])
         mp = mountpoint_for(req["export_root"], req["lv"])
         if req["fresh"]:
-            # World-writable root: a VM's qemu (uid 107) and pods running as any uid with an fsGroup must be able
-            # to create their disk image / files; the export's client ACL is what limits access.
-            os.chmod(mp, 0o777)
+            # Writers are not root (squashed root, qemu 107, a pod's uid): see VOLUME_ROOT_MODE.
+            os.chmod(mp, VOLUME_ROOT_MODE)
+        else:
+            # A clone or restore larger than its source: nobody sends an expand call for it.
+            done += _grow_filesystem(host, fstype, mp, device_for(req["vg"], req["lv"]), req["max_bytes"])
     return {"mountpoint": mp, "filesystem": fstype, "done": done}
 
 
@@ -733,13 +751,54 @@ def op_grow(host: Host, req: dict[str, Any]) -> dict[str, Any]:
     with host.lock(req["lv"]):
         fstype, _ = _ensure_mounted(host, req, None)
         mp = mountpoint_for(req["export_root"], req["lv"])
-        device = device_for(req["vg"], req["lv"])
-        # Both grow online; NFS clients see the new size on their next statfs.
-        if fstype == "xfs":
-            host.check(["xfs_growfs", mp], timeout=MKFS_TIMEOUT)
-        else:
-            host.check(["resize2fs", device], timeout=MKFS_TIMEOUT)
-    return {"filesystem": fstype}
+        done = _grow_filesystem(host, fstype, mp, device_for(req["vg"], req["lv"]), req["max_bytes"])
+    return {"filesystem": fstype, "done": done}
+
+
+@dataclass(frozen=True)
+class XfsGeometry:
+    block_size: int
+    data_blocks: int
+    ag_blocks: int
+
+
+def parse_xfs_info(text: str) -> XfsGeometry:
+    """Block size, data blocks and AG size from `xfs_info` (`data = bsize=4096 blocks=262144, ...`)."""
+    ag = re.search(r"\bagsize=(\d+)", text)
+    data = re.search(r"^data\s+=.*?\bbsize=(\d+)\s+blocks=(\d+)", text, re.MULTILINE)
+    if ag is None or data is None:
+        raise CommandError(["xfs_info"], 0, text[-500:], "cannot read the xfs geometry from xfs_info")
+    return XfsGeometry(int(data.group(1)), int(data.group(2)), int(ag.group(1)))
+
+
+def _grow_filesystem(host: Host, fstype: str, mp: str, device: str, max_bytes: int) -> list[str]:
+    """Grow the filesystem to its device when it is smaller; online, NFS clients see it on their next statfs.
+
+    Never past max_bytes (the controller's size limit): an LV that is larger anyway (made before the limit, or by
+    hand) is refused, because a filesystem's memory needs grow with its size. xfs grows in bounded steps."""
+    device_bytes = int(host.check(["blockdev", "--getsize64", device]).stdout.strip() or 0)
+    if device_bytes > max_bytes:
+        raise OutOfRangeError(
+            f"{device} is {device_bytes} bytes, above this backend's limit of {max_bytes} bytes; its filesystem is "
+            "not grown (shrink or remove the LV by hand)"
+        )
+    if fstype != "xfs":
+        # resize2fs does nothing when the filesystem already fills the device; the kernel adds block groups one
+        # flex group at a time.
+        host.check(["resize2fs", device], timeout=MKFS_TIMEOUT)
+        return ["resize2fs"]
+    done: list[str] = []
+    geometry = parse_xfs_info(host.check(["xfs_info", mp]).stdout)
+    target = device_bytes // geometry.block_size
+    while geometry.data_blocks < target:
+        step = min(target, geometry.data_blocks + XFS_GROW_STEP_AGS * geometry.ag_blocks)
+        host.check(["xfs_growfs", "-D", str(step), mp], timeout=MKFS_TIMEOUT)
+        grown = parse_xfs_info(host.check(["xfs_info", mp]).stdout)
+        if grown.data_blocks <= geometry.data_blocks:
+            break  # the rest of the device is too small for an allocation group
+        done.append(f"xfs_growfs {grown.data_blocks} blocks")
+        geometry = grown
+    return done
 
 
 def thaw_unit(lv: str, token: str) -> str:

@@ -39,8 +39,8 @@ STATE_READY = "ready"
 STATE_DELETING = "deleting"
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
-_ESCAPED_RE = re.compile(r"^(?:[A-Za-z0-9_.-]|:[0-9A-F]{2})*$")
-_CHUNK_RE = re.compile(r"^(?P<key>[^#=]+)#(?P<idx>\d+)$")
+_ESCAPED_RE = re.compile(r"(?:[A-Za-z0-9_.-]|:[0-9A-F]{2})*")
+_CHUNK_RE = re.compile(r"(?P<key>[^#=]+)#(?P<idx>\d+)")
 
 
 def escape(text: str) -> str:
@@ -51,7 +51,7 @@ def escape(text: str) -> str:
 
 
 def unescape(text: str) -> str:
-    if not _ESCAPED_RE.match(text):
+    if not _ESCAPED_RE.fullmatch(text):
         raise ValueError(f"not an escaped tag value: {text!r}")
     raw = bytearray()
     i = 0
@@ -105,7 +105,7 @@ def decode_tags(tags: Iterable[str]) -> dict[str, str]:
         if not tag.startswith(PREFIX) or "=" not in tag:
             continue
         head, _, evalue = tag[len(PREFIX) :].partition("=")
-        m = _CHUNK_RE.match(head)
+        m = _CHUNK_RE.fullmatch(head)
         try:
             if m:
                 chunks.setdefault(unescape(m["key"]), {})[int(m["idx"])] = evalue

@@ -99,6 +99,9 @@ class FakeExporter:
         self.prepared: list[str] = []
         self.frozen: list[str] = []
         self.prepare_error: Exception | None = None
+        self.grow_calls: list[tuple[str, int]] = []  # (lv, max_bytes) of every grown() call
+        self.grow_error: Exception | None = None
+        self.prepare_limits: list[int] = []
 
     def volume_context(self, lv: str) -> dict[str, str]:
         return {"wwn": f"wwn-{lv}"} if self.protocol == "iscsi" else {"nfsServer": "198.18.0.1", "nfsExport": lv}
@@ -106,7 +109,11 @@ class FakeExporter:
     def minimum_bytes(self, parameters) -> int:
         return filesystem_minimum_bytes(parameters.get("fsType", ""))
 
-    def prepare(self, lv: LvInfo, fresh: bool) -> None:
+    def check_parameters(self, parameters) -> None:
+        pass
+
+    def prepare(self, lv: LvInfo, fresh: bool, max_bytes: int) -> None:
+        self.prepare_limits.append(max_bytes)
         if self.prepare_error is not None:
             raise self.prepare_error
         self.prepared.append(lv.name)
@@ -121,7 +128,10 @@ class FakeExporter:
     def teardown(self, lv: LvInfo) -> None:
         self.acls.pop(lv.name, None)
 
-    def grown(self, lv: LvInfo) -> bool:
+    def grown(self, lv: LvInfo, max_bytes: int) -> bool:
+        self.grow_calls.append((lv.name, max_bytes))
+        if self.grow_error is not None:
+            raise self.grow_error
         return self.protocol == "iscsi"
 
     @contextmanager

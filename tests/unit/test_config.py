@@ -62,6 +62,14 @@ def test_empty_file_means_defaults(tmp_path):
         (("max_volumes_per_node: 16", "max_volumes_per_node: [1]"), "expected an integer, got a list"),
         (('portals: ["198.18.0.1:3260", "198.18.1.1:3260"]', "portals: []"), "expected at least one"),
         (
+            ("over_provisioning_ratio: 2", "over_provisioning_ratio: 0"),
+            "key 'backends.lab.lvm.over_provisioning_ratio': expected a number above 0 and at most 100, got 0",
+        ),
+        (("over_provisioning_ratio: 2", "over_provisioning_ratio: 1000000"), "at most 100, got 1e+06"),
+        (("  lab:\n", "  lab/x:\n"), "key 'backends.lab/x': a backend name is 1-100 of"),
+        (("  lab:\n", f"  {'b' * 101}:\n"), "(it is part of every volume ID)"),
+        (("ssh_port: 22", "ssh_port: 22, ssh_connect_timeout_seconds: 0"), "expected 1 to 120 seconds"),
+        (
             ("max_volumes_per_node: 16", "max_volumes_per_node: 16\n  storage_networks: [198.18.0/33]"),
             "key 'node.storage_networks[0]': expected a network like",
         ),

@@ -108,8 +108,73 @@ def test_rwx_block_on_iscsi_and_rwx_mount_on_nfs_are_fine(controller):
 
 
 def test_capacity_exhausted(controller):
-    code, _ = status_of(create, controller, "huge", 200 * GiB)
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    create(controller, "big", 60 * GiB)
+    code, _ = status_of(create, controller, "second-big", 60 * GiB)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, "fits the pool, but not next to the first one"
+
+
+@pytest.mark.parametrize("size", [200 * GiB, int(5.1 * (1 << 50)), 1 << 62, (1 << 63) - 1])
+def test_sizes_above_the_backend_limit_are_out_of_range_and_never_reach_the_host(controller, backends, size):
+    """A size the pool could never honour (100 GiB pool x ratio 1.0) is OUT_OF_RANGE, not INTERNAL from lvcreate."""
+    code, message = status_of(create, controller, "huge", size)
+    assert code == grpc.StatusCode.OUT_OF_RANGE
+    assert str(size) in message and str(100 * GiB) in message, "names the requested size and the limit"
+    assert "backends.blk.lvm.over_provisioning_ratio" in message, "names the config key"
+    assert backends["blk"].pool.calls == []
+
+
+def test_expansion_is_bounded_like_creation(controller, backends):
+    volume = create(controller, size=GiB)
+    lv = volume.volume_id.split("/")[1]
+
+    def expand(size):
+        return controller.ControllerExpandVolume(
+            csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=volume.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=size)
+            )
+        )
+
+    for size in (int(4 * (1 << 60)), 1 << 62, (1 << 63) - 1, 101 * GiB):  # 4 EiB: what the lab run reached
+        code, message = status_of(expand, size)
+        assert code == grpc.StatusCode.OUT_OF_RANGE and "over_provisioning_ratio" in message
+    create(controller, "other", 60 * GiB)
+    code, _ = status_of(expand, 50 * GiB)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, "the growth does not fit next to the other volume"
+    assert backends["blk"].pool.lvs[lv].size_bytes == GiB, "nothing changed on the host"
+    assert expand(30 * GiB).capacity_bytes == 30 * GiB
+
+
+def test_clone_above_the_limit_is_out_of_range(controller, backends):
+    volume = create(controller)
+    source = csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume.volume_id))
+    request = csi_pb2.CreateVolumeRequest(
+        name="clone", capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 62),
+        volume_capabilities=[capability()], volume_content_source=source,
+    )  # fmt: skip
+    code, _ = status_of(controller.CreateVolume, request)
+    assert code == grpc.StatusCode.OUT_OF_RANGE
+    assert not any(call.startswith("snapshot") for call in backends["blk"].pool.calls)
+    smaller = csi_pb2.CreateVolumeRequest(
+        name="clone", capacity_range=csi_pb2.CapacityRange(required_bytes=GiB // 2, limit_bytes=GiB // 2),
+        volume_capabilities=[capability()], volume_content_source=source,
+    )  # fmt: skip
+    code, message = status_of(controller.CreateVolume, smaller)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and "at least as large as its source" in message
+
+
+def test_nfs_expand_retry_grows_the_filesystem_that_failed_to_grow(backends):
+    """lvextend succeeded, the filesystem grow on the host failed; the retry finds the LV at its size and must
+    still grow the filesystem instead of reporting success."""
+    files = backends["files"]
+    volume = files.create_volume("pvc-1", GiB, 0, {}, None)
+    files.exporter.grow_error = CommandFailed(["xfs_growfs", "/srv/berth/x"], 1, "No space left on device")
+    with pytest.raises(CommandFailed):
+        files.expand_volume(volume.lv, 2 * GiB, 0)
+    assert files.pool.lvs[volume.lv].size_bytes == 2 * GiB
+    files.exporter.grow_error = None
+    files.exporter.grow_calls.clear()
+    assert files.expand_volume(volume.lv, 2 * GiB, 0) == (2 * GiB, False)
+    assert files.exporter.grow_calls == [(volume.lv, 100 * GiB)], "grown again, with the backend's size limit"
 
 
 def test_limit_below_required_is_out_of_range(controller):
@@ -161,7 +226,7 @@ def test_xfs_volumes_are_at_least_the_xfs_minimum(controller):
     code, message = status_of(controller.CreateVolume, csi_pb2.CreateVolumeRequest(
         name="tiny-xfs", capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB, limit_bytes=100 * MiB),
         volume_capabilities=[capability()], parameters={"fsType": "xfs"}))  # fmt: skip
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "xfs needs 300 MiB" in message
+    assert code == grpc.StatusCode.OUT_OF_RANGE and "xfs needs 300 MiB" in message
     assert create(controller, name="small-ext4", size=64 * MiB, fsType="ext4").capacity_bytes == 64 * MiB
 
 

@@ -61,3 +61,22 @@ def test_serial_and_naa_wwn():
     assert wwn.startswith("6001405") and len(wwn) == 32
     assert wwn[7:] == serial.replace("-", "")[:25]
     assert ids.naa_wwn("abc") == "6001405abc" + "0" * 22
+
+
+def test_names_with_a_trailing_newline_are_refused_on_both_sides():
+    """`^...$` with re.match let 'name\\n' through; every storage-side validator uses fullmatch."""
+    from csi_driver.storage import lio_host, nfs_host
+
+    with pytest.raises(InvalidRequest):
+        ids.check_lv_name("vol-0123\n")
+    for check, value in (
+        (lio_host.check_name, "vol-0123\n"),
+        (lio_host.check_serial, "0123abcd\n"),
+        (lio_host.check_device, "/dev/berth/vol-0123\n"),
+    ):
+        with pytest.raises(lio_host.RequestError):
+            check(value)
+    with pytest.raises(nfs_host.RequestError):
+        nfs_host.check_name("vol-0123\n")
+    with pytest.raises(nfs_host.RequestError):
+        nfs_host.check_node_id("iqn.2026-11.io.berth.lab:n|198.18.0.11\n")

@@ -8,6 +8,7 @@ from csi_driver.storage.errors import (
     Busy,
     CapacityExhausted,
     CommandFailed,
+    HostNotReady,
     InUse,
     InvalidRequest,
     NotFound,
@@ -39,6 +40,7 @@ def assert_no_shell(runner: FakeRunner) -> None:
 
 def test_round_up():
     assert round_up(1, EXT) == EXT
+    assert round_up(2**63 - 1, EXT) == 2**63, "exact integers: a float would round huge sizes"
     assert round_up(EXT, EXT) == EXT
     assert round_up(EXT + 1, EXT) == 2 * EXT
     for bad in (0, -1):
@@ -121,13 +123,33 @@ def test_lvcreate_capacity_errors(stderr):
     assert "lvcreate" in str(exc.value)
 
 
-def test_lvcreate_missing_pool_is_not_a_missing_volume():
+@pytest.mark.parametrize(
+    "stderr", ['  Volume group "berth" not found\n', '  Failed to find logical volume "berth/pool"\n']
+)
+def test_lvcreate_missing_vg_or_pool_is_the_host_not_a_missing_volume(stderr):
     r = FakeRunner()
     pool = pool_with(r)
-    r.on("lvs", rc=5, stderr=NOT_FOUND).on("lvcreate", rc=5, stderr='  Volume group "berth" not found\n')
-    with pytest.raises(CommandFailed) as exc:
+    r.on("lvs", rc=5, stderr=NOT_FOUND).on("lvcreate", rc=5, stderr=stderr)
+    with pytest.raises(HostNotReady, match="lvm.volume_group and lvm.thin_pool"):
         pool.create_volume(LV, EXT, {"name": "x"})
-    assert not isinstance(exc.value, NotFound)
+
+
+def test_missing_vg_is_never_a_missing_volume():
+    """lvs of a volume in a VG that is gone must not read as "volume not found" (find() → None → DeleteVolume
+    "succeeds", publish answers NOT_FOUND): it is the host's problem."""
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", rc=5, stderr='  Volume group "berth" not found\n  Cannot process volume group berth\n')
+    with pytest.raises(HostNotReady):
+        pool.find(LV)
+    with pytest.raises(HostNotReady, match='Volume group "berth" not found'):
+        pool.capacity()
+    r.on("lvs", rc=5, stderr='  Failed to find logical volume "berth/pool"\n')
+    with pytest.raises(HostNotReady, match="thin pool berth/pool not found"):
+        pool.capacity()
+    r.on("vgs", stdout=json.dumps({"report": [{"vg": []}]}))
+    with pytest.raises(HostNotReady, match="volume group berth not found"):
+        ThinPool(r, "berth", "pool").extent_size()
 
 
 def test_create_race_resolved_by_reading_back():
@@ -204,7 +226,7 @@ def test_remove_in_use_and_missing_vg():
     with pytest.raises(InUse):
         pool.remove(LV)
     r.on("lvremove", rc=5, stderr='  Volume group "berth" not found\n  Cannot process volume group berth\n')
-    with pytest.raises(NotFound):
+    with pytest.raises(HostNotReady):
         pool.remove(LV)
 
 
@@ -337,7 +359,8 @@ def test_activate_ignores_skip_flag():
     "stderr,cls",
     [
         ('  Failed to find logical volume "berth/x"', NotFound),
-        ('  Volume group "nope" not found', NotFound),
+        ('  Volume group "nope" not found', HostNotReady),
+        ('  Logical Volume "x" already exists in volume group "berth"', AlreadyExists),
         ('  Logical Volume "x" already exists in volume group "berth"', AlreadyExists),
         ("  Logical volume berth/x contains a filesystem in use.", InUse),
         ("  device-mapper: remove ioctl on  (253:5) failed: Device or resource busy", InUse),

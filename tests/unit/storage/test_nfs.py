@@ -9,15 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.storage import nfs_host
+from csi_driver.storage import nfs_host, tags
 from csi_driver.storage.backend import NodeRef
-from csi_driver.storage.errors import Busy, CommandFailed, CommandTimeout, InUse, InvalidRequest, NotFound
+from csi_driver.storage.errors import (
+    Busy,
+    CommandFailed,
+    CommandTimeout,
+    InUse,
+    InvalidRequest,
+    NotFound,
+    OutOfRange,
+)
 from csi_driver.storage.lvm import LvInfo
 from csi_driver.storage.nfs import NfsExporter, host_program
 from csi_driver.storage.runner import CommandResult
 
 from .fakes import FakeRunner, lv_row
-from .test_nfs_host import LV, VG, FakeSystem
+from .test_nfs_host import LIMIT, LV, VG, FakeSystem
 
 ROOT = "/srv/berth"
 NODE1 = NodeRef("iqn.2026-11.io.berth.lab:node1|198.18.0.11,198.18.1.11", "iqn.x:n1", ("198.18.0.11", "198.18.1.11"))
@@ -72,17 +80,18 @@ def test_from_config():
 
     exporter = NfsExporter.from_config(FakeRunner(), NfsConfig(server="198.18.0.2", filesystem="ext4"))
     assert (exporter.server, exporter.export_root, exporter.filesystem) == ("198.18.0.2", ROOT, "ext4")
-    assert exporter.export_options == "sync,no_subtree_check,no_root_squash"
+    assert exporter.export_options == "sync,no_subtree_check,root_squash"
 
 
 def test_prepare_sends_one_host_program_call():
     runner = answering({"ok": True, "result": {"filesystem": "xfs", "done": ["mkfs"]}})
-    NfsExporter(runner, "198.18.0.2").prepare(info(), fresh=True)
+    NfsExporter(runner, "198.18.0.2").prepare(info(), fresh=True, max_bytes=LIMIT)
     (call,) = runner.calls
     assert call.argv == ["python3", "-c", host_program()]
     assert call.check is False and call.timeout >= 600
     assert json.loads(call.input or b"") == {
         "v": 1, "op": "prepare", "lv": LV, "vg": VG, "export_root": ROOT, "filesystem": "xfs", "fresh": True,
+        "max_bytes": LIMIT,
     }  # fmt: skip
 
 
@@ -94,8 +103,21 @@ def test_publish_request_and_context():
     assert exporter.publish(info(), NODE2, True, {}, options="ro,async")["readonly"] == "true"
     first, second = sent(runner)
     assert first["addresses"] == ["198.18.0.11", "198.18.1.11"] and first["readonly"] is False
-    assert first["node_id"] == NODE1.node_id and first["options"] == "sync,no_subtree_check,no_root_squash"
+    assert first["node_id"] == NODE1.node_id and first["options"] == "sync,no_subtree_check,root_squash"
     assert second["options"] == "async" and second["readonly"] is True
+
+
+def test_publish_uses_the_volumes_storage_class_export_options():
+    """root_squash is the default; a StorageClass asks for another squash policy with nfsExportOptions."""
+    runner = answering(OK)
+    exporter = NfsExporter(runner, "198.18.0.2")
+    params = tags.params_to_meta({"nfsExportOptions": "sync,all_squash,anonuid=107,anongid=107"})
+    volume = LvInfo.from_row(lv_row(LV, vg=VG, tags=tags.encode_tags(params)))
+    exporter.publish(volume, NODE1, False, {})
+    assert sent(runner)[0]["options"] == "sync,all_squash,anonuid=107,anongid=107"
+    exporter.check_parameters({"nfsExportOptions": "no_root_squash"})
+    with pytest.raises(InvalidRequest, match="nfsExportOptions"):
+        exporter.check_parameters({"nfsExportOptions": "rw\nfsid=0"})
 
 
 def test_bad_input_never_reaches_the_host():
@@ -141,7 +163,7 @@ def test_command_failure_names_the_command():
     }
     runner = answering({"ok": False, "error": error})
     with pytest.raises(CommandFailed) as e:
-        NfsExporter(runner, "198.18.0.2").prepare(info(), fresh=True)
+        NfsExporter(runner, "198.18.0.2").prepare(info(), fresh=True, max_bytes=LIMIT)
     assert e.value.argv[0] == "mkfs.xfs" and e.value.rc == 1 and "no" in str(e.value)
 
 
@@ -153,8 +175,14 @@ def test_no_json_is_command_failed():
 
 def test_grown_grows_on_the_host_and_needs_no_node():
     runner = answering({"ok": True, "result": {"filesystem": "xfs"}})
-    assert NfsExporter(runner, "198.18.0.2").grown(info()) is False
-    assert sent(runner)[0]["op"] == "grow"
+    assert NfsExporter(runner, "198.18.0.2").grown(info(), LIMIT) is False
+    assert sent(runner)[0] == {"v": 1, "op": "grow", "lv": LV, "vg": VG, "export_root": ROOT, "max_bytes": LIMIT}
+
+
+def test_host_out_of_range_is_out_of_range():
+    runner = answering({"ok": False, "error": {"kind": "out_of_range", "message": "5.1 PiB is above the limit"}})
+    with pytest.raises(OutOfRange, match="above the limit"):
+        NfsExporter(runner, "198.18.0.2").grown(info(), LIMIT)
 
 
 def test_consistent_default_syncs_and_lets_lvm_freeze():
@@ -234,8 +262,8 @@ def test_whole_life_cycle_on_the_simulated_host(tmp_path: Path):
     system = FakeSystem(tmp_path)
     exporter = NfsExporter(HostProgramRunner(system), "198.18.0.2", export_root=system.root)  # type: ignore[arg-type]
     lv = info()
-    exporter.prepare(lv, fresh=True)
-    exporter.prepare(lv, fresh=True)  # a retried CreateVolume
+    exporter.prepare(lv, fresh=True, max_bytes=LIMIT)
+    exporter.prepare(lv, fresh=True, max_bytes=LIMIT)  # a retried CreateVolume
     assert system.programs().count("mkfs.xfs") == 1
     exporter.publish(lv, NODE1, False, {})
     exporter.publish(lv, NODE2, True, {})

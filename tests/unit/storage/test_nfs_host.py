@@ -15,6 +15,9 @@ from csi_driver.storage import nfs_host as h
 LV = "vol-0123456789abcdef0123"
 VG = "berth"
 DEV = f"/dev/{VG}/{LV}"
+GiB = 1 << 30
+BLOCK = 4096
+LIMIT = 1 << 40  # the controller's size limit in requests that do not test it
 OTHER_FSTAB = (
     "# /etc/fstab\nUUID=abcd / ext4 errors=remount-ro 0 1\n/dev/sr0 /media/cdrom0 udf,iso9660 user,noauto 0 0\n"
 )
@@ -29,6 +32,9 @@ class FakeSystem:
         self.calls: list[list[str]] = []
         self.devices = {DEV: os.makedev(253, 7), f"/dev/{VG}/other": os.makedev(253, 8)}
         self.fs: dict[str, str] = {}  # device → filesystem type
+        self.device_bytes: dict[str, int] = {DEV: GiB, f"/dev/{VG}/other": GiB}
+        self.fs_blocks: dict[str, int] = {}  # device → filesystem size in 4 KiB blocks (default: fills the device)
+        self.ag_blocks = 16384  # 64 MiB allocation groups, as mkfs.xfs makes them for a 256 MiB volume
         self.mounted: dict[str, tuple[str, str]] = {}  # mountpoint → (device, fstype)
         self.etab: dict[tuple[str, str], str] = {}  # (client, path) → options
         self.frozen: set[str] = set()
@@ -71,6 +77,17 @@ class FakeSystem:
             result = h.Result(0, f"DEVNAME={dev}\nTYPE={self.fs[dev]}\n", "") if dev in self.fs else h.Result(2, "", "")
         elif prog in ("mkfs.xfs", "mkfs.ext4"):
             self.fs[argv[-1]] = prog.split(".")[1]
+            self.fs_blocks[argv[-1]] = self.device_bytes[argv[-1]] // BLOCK
+        elif prog == "blockdev":
+            result = h.Result(0, f"{self.device_bytes[argv[-1]]}\n", "")
+        elif prog == "xfs_info":
+            dev = self.mounted[argv[-1]][0]
+            result = h.Result(0, xfs_info_text(dev, self.blocks_of(dev), self.ag_blocks), "")
+        elif prog == "xfs_growfs":
+            dev = self.mounted[argv[-1]][0]
+            self.fs_blocks[dev] = min(int(argv[argv.index("-D") + 1]), self.device_bytes[dev] // BLOCK)
+        elif prog == "resize2fs":
+            self.fs_blocks[argv[-1]] = self.device_bytes[argv[-1]] // BLOCK
         elif prog == "mount":
             dev, mp = argv[-2], argv[-1]
             self.mounted[mp] = (dev, argv[argv.index("-t") + 1])
@@ -100,6 +117,9 @@ class FakeSystem:
         self._sync()
         return result
 
+    def blocks_of(self, dev: str) -> int:
+        return self.fs_blocks.get(dev, self.device_bytes[dev] // BLOCK)
+
     def programs(self) -> list[str]:
         return [c[0] for c in self.calls]
 
@@ -113,7 +133,7 @@ class FakeSystem:
         return response["result"]
 
     def prepare(self, fresh: bool = True, filesystem: str = "xfs") -> dict:
-        return self.ok("prepare", vg=VG, filesystem=filesystem, fresh=fresh)
+        return self.ok("prepare", vg=VG, filesystem=filesystem, fresh=fresh, max_bytes=LIMIT)
 
     def publish(self, node: str, addresses: list[str], readonly: bool = False, options: str = "rw,sync") -> dict:
         return self.ok(
@@ -123,6 +143,23 @@ class FakeSystem:
     def exports_text(self) -> str | None:
         path = Path(h.exports_path(self.host.exports_dir, LV))
         return path.read_text() if path.exists() else None
+
+
+def xfs_info_text(dev: str, blocks: int, ag_blocks: int) -> str:
+    """What xfs_info (xfsprogs 6.1) prints for a mounted xfs."""
+    agcount = -(-blocks // ag_blocks)
+    return (
+        f"meta-data={dev} isize=512    agcount={agcount}, agsize={ag_blocks} blks\n"
+        "         =                       sectsz=512   attr=2, projid32bit=1\n"
+        "         =                       crc=1        finobt=1, sparse=1, rmapbt=0\n"
+        "         =                       reflink=1    bigtime=1 inobtcount=1 nrext64=0\n"
+        f"data     =                       bsize={BLOCK}   blocks={blocks}, imaxpct=25\n"
+        "         =                       sunit=0      swidth=0 blks\n"
+        "naming   =version 2              bsize=4096   ascii-ci=0, ftype=1\n"
+        "log      =internal log           bsize=4096   blocks=16384, version=2\n"
+        "         =                       sectsz=512   sunit=0 blks, lazy-count=1\n"
+        "realtime =none                   extsz=4096   blocks=0, rtextents=0\n"
+    )
 
 
 @pytest.fixture
@@ -184,9 +221,10 @@ def test_addresses_normalised_and_refused():
 def test_options_strip_rw_ro_and_refuse_dangerous():
     assert h.check_options("rw,sync,no_subtree_check,no_root_squash") == "sync,no_subtree_check,no_root_squash"
     assert h.check_options("ro,async,async,sec=sys:krb5") == "async,sec=sys:krb5"
-    assert h.check_options(None) == "sync,no_subtree_check,no_root_squash"
+    assert h.check_options(None) == "sync,no_subtree_check,root_squash", "root on a node is not root here"
     assert h.check_options("rw") == h.check_options("-") == ""  # only the per-client rw/ro is left
-    for bad in ("rw sync", "rw,(all)", "fsid=0", "mp", "mountpoint", "refer=/x@h", "rw,#x", "a'b", "", ",", "fsid=7"):
+    bad_ones = ("rw sync", "rw,(all)", "fsid=0", "mp", "mountpoint", "refer=/x@h", "rw,#x", "a'b", "", ",", "fsid=7")
+    for bad in (*bad_ones, "sync\n", "rw,sync\n"):  # a newline would split the exports line
         with pytest.raises(h.RequestError):
             h.check_options(bad)
 
@@ -310,7 +348,7 @@ def test_prepare_fresh_mkfs_mount_mode_fstab(sim: FakeSystem):
     assert ["mkfs.xfs", "-q", "-K", DEV] in sim.calls
     assert ["mount", "-t", "xfs", DEV, sim.mp] in sim.calls
     assert sim.programs().index("blkid") < sim.programs().index("mkfs.xfs") < sim.programs().index("mount")
-    assert stat.S_IMODE(os.stat(sim.mp).st_mode) == 0o777
+    assert stat.S_IMODE(os.stat(sim.mp).st_mode) == 0o1777, "any uid creates its files, none removes another's"
     fstab = Path(sim.host.fstab).read_text()
     assert fstab.startswith(OTHER_FSTAB) and f"{DEV} {sim.mp} xfs defaults,nofail" in fstab
 
@@ -350,7 +388,7 @@ def test_prepare_clone_xfs_new_uuid_then_mount(sim: FakeSystem):
         ["mount", "-t", "xfs", DEV, sim.mp],
     ]
     assert not os.path.exists(replay)
-    assert stat.S_IMODE(os.stat(sim.mp).st_mode) != 0o777  # a clone keeps its origin's permissions
+    assert stat.S_IMODE(os.stat(sim.mp).st_mode) != 0o1777  # a clone keeps its origin's permissions
 
 
 def test_prepare_clone_ext4(sim: FakeSystem):
@@ -373,19 +411,19 @@ def test_prepare_clone_after_crash_in_replay_mount(sim: FakeSystem):
 
 
 def test_prepare_refuses_blank_clone_and_foreign_mount(sim: FakeSystem):
-    response = sim.request("prepare", vg=VG, filesystem="xfs", fresh=False)
+    response = sim.request("prepare", vg=VG, filesystem="xfs", fresh=False, max_bytes=LIMIT)
     assert response["error"]["kind"] == "conflict"
     os.makedirs(sim.mp)
     sim.mounted[sim.mp] = (f"/dev/{VG}/other", "xfs")
     sim._sync()
-    response = sim.request("prepare", vg=VG, filesystem="xfs", fresh=True)
+    response = sim.request("prepare", vg=VG, filesystem="xfs", fresh=True, max_bytes=LIMIT)
     assert response["error"]["kind"] == "conflict" and "other" in response["error"]["message"]
     assert "mkfs.xfs" not in sim.programs()
 
 
 def test_prepare_missing_device_and_failing_command(sim: FakeSystem):
     del sim.devices[DEV]
-    assert sim.request("prepare", vg=VG, filesystem="xfs", fresh=True)["error"]["kind"] == "not_found"
+    assert sim.request("prepare", vg=VG, filesystem="xfs", fresh=True, max_bytes=LIMIT)["error"]["kind"] == "not_found"
     sim.devices[DEV] = os.makedev(253, 7)
     real_run = sim.run
 
@@ -393,7 +431,7 @@ def test_prepare_missing_device_and_failing_command(sim: FakeSystem):
         return h.Result(1, "", "mkfs.xfs: bad things") if argv[0] == "mkfs.xfs" else real_run(argv, timeout)
 
     sim.host.run = failing
-    error = sim.request("prepare", vg=VG, filesystem="xfs", fresh=True)["error"]
+    error = sim.request("prepare", vg=VG, filesystem="xfs", fresh=True, max_bytes=LIMIT)["error"]
     assert error["kind"] == "failed" and error["argv"][0] == "mkfs.xfs" and error["rc"] == 1
     assert "bad things" in error["stderr"]
 
@@ -401,7 +439,7 @@ def test_prepare_missing_device_and_failing_command(sim: FakeSystem):
 def test_symlinked_mountpoint_refused(sim: FakeSystem, tmp_path: Path):
     os.makedirs(sim.root)
     os.symlink(tmp_path / "etc", sim.mp)
-    response = sim.request("prepare", vg=VG, filesystem="xfs", fresh=True)
+    response = sim.request("prepare", vg=VG, filesystem="xfs", fresh=True, max_bytes=LIMIT)
     assert response["error"]["kind"] == "invalid"
     assert sim.calls == []
 
@@ -513,14 +551,70 @@ def test_teardown_busy_is_in_use_and_keeps_data(sim: FakeSystem):
     assert os.path.exists(Path(sim.mp, "precious")) and result["warnings"]
 
 
+def grow_steps(sim: FakeSystem) -> list[int]:
+    return [int(c[c.index("-D") + 1]) for c in sim.calls if c[0] == "xfs_growfs"]
+
+
 def test_grow_uses_the_mounted_filesystem_type(sim: FakeSystem):
     sim.prepare()
-    sim.ok("grow", vg=VG)
-    assert ["xfs_growfs", sim.mp] in sim.calls
+    sim.device_bytes[DEV] = 2 * GiB  # lvextend happened
+    sim.ok("grow", vg=VG, max_bytes=LIMIT)
+    assert grow_steps(sim) == [2 * GiB // BLOCK] and sim.blocks_of(DEV) == 2 * GiB // BLOCK
     sim2 = FakeSystem(sim.tmp / "second")
     sim2.prepare(filesystem="ext4")
-    sim2.ok("grow", vg=VG)
+    sim2.ok("grow", vg=VG, max_bytes=LIMIT)
     assert ["resize2fs", DEV] in sim2.calls
+
+
+def test_xfs_grows_in_bounded_steps_so_memory_never_follows_the_size(sim: FakeSystem):
+    """xfs_growfs holds every new AG's headers in memory until it writes them: one call from 1 GiB to petabytes
+    ran the storage host out of memory. Each step adds at most XFS_GROW_STEP_AGS allocation groups."""
+    sim.prepare()
+    sim.device_bytes[DEV] = 100 * GiB
+    sim.ok("grow", vg=VG, max_bytes=LIMIT)
+    steps = grow_steps(sim)
+    assert len(steps) > 1 and steps[-1] == 100 * GiB // BLOCK
+    sizes = [GiB // BLOCK, *steps]
+    assert all(b - a <= h.XFS_GROW_STEP_AGS * sim.ag_blocks for a, b in zip(sizes, sizes[1:], strict=False))
+    sim.calls.clear()
+    sim.ok("grow", vg=VG, max_bytes=LIMIT)
+    assert grow_steps(sim) == [], "a filesystem that fills its LV is not grown again"
+
+
+def test_grow_of_an_lv_above_the_limit_is_refused_before_any_grow(sim: FakeSystem):
+    sim.prepare()
+    sim.device_bytes[DEV] = int(5.1 * (1 << 50))  # the 5.1 PiB LV the adversarial run made
+    error = sim.request("grow", vg=VG, max_bytes=400 * GiB)["error"]
+    assert error["kind"] == "out_of_range" and str(400 * GiB) in error["message"]
+    assert not {"xfs_growfs", "resize2fs"} & set(sim.programs())
+    assert sim.request("grow", vg=VG)["error"]["kind"] == "invalid", "max_bytes is required"
+
+
+def test_grow_after_a_failed_grow_finishes_it(sim: FakeSystem):
+    """The retry of an expansion whose filesystem grow failed: the LV already has its size, the filesystem not."""
+    sim.prepare()
+    sim.device_bytes[DEV] = 3 * GiB
+    real_run = sim.run
+    sim.host.run = lambda argv, timeout: (
+        h.Result(1, "", "xfs_growfs: XFS_IOC_FSGROWFSDATA xfsctl failed: No space left on device")
+        if argv[0] == "xfs_growfs"
+        else real_run(argv, timeout)
+    )
+    assert sim.request("grow", vg=VG, max_bytes=LIMIT)["error"]["kind"] == "failed"
+    sim.host.run = real_run
+    sim.ok("grow", vg=VG, max_bytes=LIMIT)
+    assert sim.blocks_of(DEV) == 3 * GiB // BLOCK
+
+
+@pytest.mark.parametrize("filesystem", ["xfs", "ext4"])
+def test_clone_larger_than_its_source_gets_its_filesystem_grown(sim: FakeSystem, filesystem: str):
+    sim.fs[DEV] = filesystem
+    sim.fs_blocks[DEV] = GiB // BLOCK  # the source's filesystem, block for block
+    sim.device_bytes[DEV] = 2 * GiB  # the clone's LV was extended to the requested size
+    sim.prepare(fresh=False)
+    assert sim.blocks_of(DEV) == 2 * GiB // BLOCK
+    progs = sim.programs()
+    assert progs.index("mount") < progs.index("xfs_growfs" if filesystem == "xfs" else "resize2fs")
 
 
 def test_freeze_arms_timer_first_and_thaw_disarms(sim: FakeSystem):
