@@ -119,7 +119,7 @@ def brick_lock_sweeper(lock_dir: str) -> LockSweeper:
         from os_brick.initiator.connectors import base
 
         try:
-            base.synchronized("connect_volume", external=True)(sweep_portal_locks)(lock_dir)
+            base.synchronized("connect_volume", external=True, lock_path=lock_dir)(sweep_portal_locks)(lock_dir)
         except OSError as err:  # leftover lock files cost disk entries, never correctness
             log.warning("cannot remove os-brick lock files", extra={"lock_dir": lock_dir, "error": str(err)})
 
@@ -261,11 +261,12 @@ class IscsiVolumes:
         # Saved before login: if we crash between login and the end, unstage can still log out.
         save(record)
         props = connection_properties(targets_from_publish_context(request.publish_context), request.secrets)
-        # A device already here belongs to an earlier stage that is still in use; this call did not attach
-        # it, so its failure must not detach it.
-        attached_before = self.current_device(record) is not None
+        # A device that a publish target still uses was attached by an earlier stage: failing this one must not
+        # pull it from under the pod. Any other attachment (also a crashed stage's) is this stage's to undo.
+        earlier = self.current_device(record)
+        in_use = earlier is not None and bool(self._users_besides_staging(record, earlier))
         device = self.attach(props, record.multipath, record.wwn, request.secrets)
-        if not attached_before:
+        if not in_use:
             undo.push(f"log out of {_describe(props)}", lambda: self._undo_attach(props, record, device.path))
         record.device_path = device.path
         record.wwn = device.wwn
@@ -417,14 +418,17 @@ class IscsiVolumes:
         device = self.current_device(record)
         if device is not None:
             # Checked before touching the staging mount: a publish target left behind keeps the device open.
-            staging = os.path.normpath(record.staging_path)
-            users = [u for u in self.mounter.table.users_of_device(device) if u != staging]
+            users = self._users_besides_staging(record, device)
             if users:
                 raise StillInUse(f"device {device} of volume {record.volume_id} is still mounted at {', '.join(users)}")
         if record.access_type == MOUNT:
             # The staging dir itself belongs to the CO (it created it), so it stays.
             self.mounter.unmount_all(record.staging_path)
         self.detach(record, device)
+
+    def _users_besides_staging(self, record: StageRecord, device: str) -> list[str]:
+        staging = os.path.normpath(record.staging_path)
+        return [u for u in self.mounter.table.users_of_device(device) if u != staging]
 
     def detach(self, record: StageRecord, device: str | None) -> None:
         props = dict(record.connection_properties)

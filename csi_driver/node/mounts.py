@@ -86,7 +86,8 @@ class MountTable:
         self.path = path
 
     def entries(self) -> list[MountEntry]:
-        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+        # newline="": text mode would otherwise turn a "\r" inside a mount point into a line end.
+        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             return parse_mountinfo(f.read())
 
     def at(self, path: str) -> MountEntry | None:

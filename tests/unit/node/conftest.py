@@ -62,7 +62,14 @@ def build(root: str, system: FakeSystem, node: Node | None = None):
         return connector
 
     iscsi = IscsiVolumes(
-        system, mounter, fs, factory, by_id_dir=os.path.join(root, "by-id"), sys_block_dir=os.path.join(root, "sys")
+        system,
+        mounter,
+        fs,
+        factory,
+        by_id_dir=os.path.join(root, "by-id"),
+        sys_block_dir=os.path.join(root, "sys"),
+        sweep_locks=lambda: node.connector_log.append(("sweep locks",)),
+        multipath_wait=0.0,
     )
     volumes = NodeVolumes(os.path.join(root, "state"), {"iscsi": iscsi, "nfs": NfsVolumes(mounter)}, mounter, fs)
     return NodeService("iqn.2026-11.io.berth.lab:node1|198.18.0.11", volumes, max_volumes_per_node=16), volumes
