@@ -147,6 +147,7 @@ def _check_consistency(config: Config) -> None:
             raise ConfigError(f"key 'backends.{name}.nfs': required when protocol is 'nfs'")
         if backend.iscsi is not None and not backend.iscsi.portals:
             raise ConfigError(f"key 'backends.{name}.iscsi.portals': expected at least one 'address:port'")
+        _check_context_sizes(name, backend)
     for i, network in enumerate(config.node.storage_networks):
         try:
             ipaddress.ip_network(network, strict=False)
@@ -160,6 +161,25 @@ def _check_consistency(config: Config) -> None:
             f"key 'default_backend': names backend {config.default_backend!r}, which is not defined "
             f"(defined: {known})"
         )
+
+
+def _check_context_sizes(name: str, backend: BackendConfig) -> None:
+    """What Berth derives from these keys travels in volume and publish contexts, whose strings CSI limits to 128
+    bytes: the target IQN (<iqn_prefix>:<lv>), the portal list and the export path (<export_root>/<lv>)."""
+    limits = []
+    if backend.iscsi is not None:
+        limits += [
+            ("iscsi.iqn_prefix", backend.iscsi.iqn_prefix, MAX_BACKEND_NAME_BYTES),
+            ("iscsi.portals", ",".join(backend.iscsi.portals), 128),
+        ]
+    if backend.nfs is not None:
+        limits.append(("nfs.export_root", backend.nfs.export_root, MAX_BACKEND_NAME_BYTES))
+    for key, value, limit in limits:
+        if len(value.encode()) > limit:
+            raise ConfigError(
+                f"key 'backends.{name}.{key}': at most {limit} bytes (CSI limits the volume and publish contexts "
+                f"made from it), got {len(value.encode())}"
+            )
 
 
 def _where(key_path: str) -> str:

@@ -14,7 +14,10 @@ FILESYSTEMS = ("ext4", "xfs")
 
 def describe(capability: csi_pb2.VolumeCapability) -> str:
     access = "block" if capability.HasField("block") else "mount"
-    return f"{access} {Mode.Mode.Name(capability.access_mode.mode)}"
+    mode = capability.access_mode.mode
+    # A mode from a newer spec (or garbage) has no name here: describe it, never fail on it.
+    name = Mode.Mode.Name(mode) if mode in Mode.Mode.values() else f"access mode {mode}"
+    return f"{access} {name}"
 
 
 def problem_with(capability: csi_pb2.VolumeCapability, protocol: str) -> str | None:

@@ -13,15 +13,16 @@ from csi_driver import ids
 from csi_driver.csi import csi_pb2, csi_pb2_grpc
 from csi_driver.services.capabilities import MULTI_NODE_MODES, READ_ONLY_MODES, describe, problem_with
 from csi_driver.services.errors import OperationLocks, RpcError, invalid, rpc
-from csi_driver.storage.backend import ContentSource, LvmBackend, NodeRef, Snapshot, Volume
-from csi_driver.storage.errors import NotFound
+from csi_driver.services.validation import check_maps, check_name
+from csi_driver.storage.backend import PROTOCOL_PARAMETERS, ContentSource, LvmBackend, NodeRef, Snapshot, Volume
+from csi_driver.storage.errors import HostUnreachable, NotFound
 
 log = logging.getLogger("berth.controller")
 
 GiB = 1 << 30
 DEFAULT_SIZE = 1 * GiB
 # StorageClass parameters Berth understands; the external-provisioner's own (csi.storage.k8s.io/...) are ignored.
-KNOWN_PARAMETERS = {"backend", "fsType"}
+KNOWN_PARAMETERS = {"backend", "fsType", *PROTOCOL_PARAMETERS}
 IGNORED_PARAMETER_PREFIX = "csi.storage.k8s.io/"
 
 _Rpc = csi_pb2.ControllerServiceCapability.RPC
@@ -121,8 +122,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     @rpc
     def CreateVolume(self, request, context):
-        if not request.name:
-            raise invalid("CreateVolume needs a name")
+        check_name("CreateVolume name", request.name)
+        check_maps(request)
         if not request.volume_capabilities:
             raise invalid("CreateVolume needs at least one volume capability")
         _check_parameters(request.parameters)
@@ -165,6 +166,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteVolume(self, request, context):
         if not request.volume_id:
             raise invalid("DeleteVolume needs a volume_id")
+        check_maps(request)
         try:
             backend, lv = self._locate(request.volume_id)
         except NotFound:
@@ -182,6 +184,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise invalid("ControllerPublishVolume needs a node_id")
         if not request.HasField("volume_capability"):
             raise invalid("ControllerPublishVolume needs a volume_capability")
+        check_maps(request)
         node = _node(request.node_id)
         backend, lv = self._locate(request.volume_id)
         _check_capabilities([request.volume_capability], backend.protocol)
@@ -197,7 +200,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _check_attach_limit(self, node_id: str) -> None:
         if not self.max_volumes_per_node:
             return
-        attached = sum(backend.publications_of(node_id) for backend in self.backends.values())
+        attached = 0
+        for backend in self.backends.values():
+            try:
+                attached += backend.publications_of(node_id)
+            except HostUnreachable as err:
+                # One dead storage host must not stop publishing on the others; kubelet still keeps the node to
+                # the max_volumes_per_node of NodeGetInfo.
+                log.warning("cannot count publications", extra={"backend": backend.name, "error": str(err)})
         if attached >= self.max_volumes_per_node:
             raise RpcError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -208,6 +218,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerUnpublishVolume(self, request, context):
         if not request.volume_id:
             raise invalid("ControllerUnpublishVolume needs a volume_id")
+        check_maps(request)
         try:
             backend, lv = self._locate(request.volume_id)
         except NotFound:
@@ -230,6 +241,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise invalid("ValidateVolumeCapabilities needs a volume_id")
         if not request.volume_capabilities:
             raise invalid("ValidateVolumeCapabilities needs at least one volume capability")
+        check_maps(request)
         backend, lv = self._locate(request.volume_id)
         backend.get_volume(lv)
         problems = [p for p in (problem_with(c, backend.protocol) for c in request.volume_capabilities) if p]
@@ -276,6 +288,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     @rpc
     def GetCapacity(self, request, context):
+        check_maps(request)
         backends = (
             [self._backend_for_parameters(request.parameters)]
             if request.parameters.get("backend") or self.default_backend
@@ -294,6 +307,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise invalid("ControllerExpandVolume needs a volume_id")
         if not request.HasField("capacity_range"):
             raise invalid("ControllerExpandVolume needs a capacity_range")
+        check_maps(request)
         required, limit = _capacity_range(request.capacity_range)
         backend, lv = self._locate(request.volume_id)
         if request.HasField("volume_capability"):
@@ -308,8 +322,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     @rpc
     def CreateSnapshot(self, request, context):
-        if not request.name:
-            raise invalid("CreateSnapshot needs a name")
+        check_name("CreateSnapshot name", request.name)
+        check_maps(request)
         if not request.source_volume_id:
             raise invalid("CreateSnapshot needs a source_volume_id")
         backend, lv = self._locate(request.source_volume_id)
@@ -321,6 +335,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteSnapshot(self, request, context):
         if not request.snapshot_id:
             raise invalid("DeleteSnapshot needs a snapshot_id")
+        check_maps(request)
         try:
             backend, lv = self._locate(request.snapshot_id, "snapshot")
         except NotFound:
@@ -338,6 +353,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     @rpc
     def ListSnapshots(self, request, context):
+        check_maps(request)
         snapshots = []
         for name in sorted(self.backends):
             backend = self.backends[name]

@@ -70,6 +70,10 @@ def test_empty_file_means_defaults(tmp_path):
         (("  lab:\n", f"  {'b' * 101}:\n"), "(it is part of every volume ID)"),
         (("ssh_port: 22", "ssh_port: 22, ssh_connect_timeout_seconds: 0"), "expected 1 to 120 seconds"),
         (
+            ("iscsi: {portals", f"iscsi: {{iqn_prefix: iqn.2026-11.{'x' * 100}, portals"),
+            "key 'backends.lab.iscsi.iqn_prefix': at most 100 bytes",
+        ),
+        (
             ("max_volumes_per_node: 16", "max_volumes_per_node: 16\n  storage_networks: [198.18.0/33]"),
             "key 'node.storage_networks[0]': expected a network like",
         ),

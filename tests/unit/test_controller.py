@@ -87,7 +87,7 @@ def test_create_same_name_other_parameters_already_exists(controller):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"name": ""}, "needs a name"),
+        ({"name": ""}, "CreateVolume name is required"),
         ({"caps": [Cap(access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER))]}, "access type"),
         ({"caps": [capability(Mode.MULTI_NODE_MULTI_WRITER)]}, "use an NFS StorageClass"),
         ({"caps": [capability(fs_type="btrfs")]}, "'btrfs' is not supported"),
@@ -411,3 +411,55 @@ def test_a_volume_that_cannot_be_finished_is_removed_not_leaked():
     exporter.prepare_error = None
     assert backend.create_volume("pvc-1", GiB, 0, {}, None).size_bytes == GiB
     assert [lv.meta["state"] for lv in pool.list({})] == ["ready"]
+
+
+def test_unknown_access_mode_is_invalid_argument_not_internal(controller):
+    caps = [Cap(mount=Cap.MountVolume(), access_mode=Mode(mode=99))]
+    code, message = status_of(create, controller, "pvc-99", GiB, 0, caps)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "access mode 99" in message
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 129, "é" * 65, "pvc\x00", "pvc\x07x", "pvc\x1b[0m", "pvc\x7f", "pvc\x85"],
+)
+def test_volume_and_snapshot_names_follow_the_spec(controller, name):
+    code, message = status_of(create, controller, name)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "CreateVolume name" in message
+    volume = create(controller, "source")
+    code, message = status_of(
+        controller.CreateSnapshot, csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=volume.volume_id)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "CreateSnapshot name" in message
+
+
+def test_names_the_spec_allows_are_accepted(controller):
+    assert create(controller, "é" * 64).volume_id  # 128 bytes of UTF-8
+    assert create(controller, "tab\tand space").volume_id  # common whitespace is allowed in names
+
+
+@pytest.mark.parametrize(
+    ("parameters", "secrets", "fragment"),
+    [
+        ({"fsType": "x" * 129}, {}, "parameters['fsType'] is 129 bytes"),
+        ({"csi.storage.k8s.io/pvc/name": "a\nb"}, {}, "holds a control character"),
+        ({"k" * 129: "v"}, {}, "is 129 bytes"),
+        ({}, {f"key{i}": "v" * 100 for i in range(50)}, "secrets holds"),
+        ({}, {"node.session.auth.password": "hunter2\x00"}, "secrets['node.session.auth.password'] holds a control"),
+    ],
+)
+def test_maps_follow_the_spec_limits_and_never_echo_secrets(controller, parameters, secrets, fragment):
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-maps", volume_capabilities=[capability()], parameters=parameters, secrets=secrets
+    )
+    code, message = status_of(controller.CreateVolume, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in message
+    assert "hunter2" not in message
+
+
+def test_nfs_export_options_storage_class_parameter(controller):
+    nfs_caps = [capability(Mode.MULTI_NODE_MULTI_WRITER)]
+    volume = create(controller, "kubevirt", caps=nfs_caps, backend="files", nfsExportOptions="no_root_squash")
+    assert volume.volume_id.startswith("files/")
+    code, message = status_of(lambda: create(controller, "blk-opts", nfsExportOptions="no_root_squash"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "applies to nfs backends" in message
