@@ -149,8 +149,10 @@ class Filesystems:
         fs_bytes = self.filesystem_size(fs_type, device, mount_path)
         if device_bytes - fs_bytes <= GROW_THRESHOLD_BYTES:
             return False
-        log.info("filesystem smaller than its device, growing", extra={"device": device, "fs_bytes": fs_bytes,
-                                                                       "device_bytes": device_bytes})  # fmt: skip
+        log.info(
+            "filesystem smaller than its device, growing",
+            extra={"device": device, "fs_bytes": fs_bytes, "device_bytes": device_bytes},
+        )
         self.grow(fs_type, device, mount_path)
         return True
 

@@ -162,8 +162,10 @@ class NodeVolumes:
                 if not _binds_a_single_path(current, protocol.member_paths(record)):
                     raise MountConflict(f"target {target!r} already has {current.source} mounted, not this volume")
                 # An earlier publish raced multipathd and bound one path of the LUN: bind the map instead.
-                log.warning("target binds a single path, replacing it with the multipath map",
-                            extra={"target": target, "path": current.root, "device": source})  # fmt: skip
+                log.warning(
+                    "target binds a single path, replacing it with the multipath map",
+                    extra={"target": target, "path": current.root, "device": source},
+                )
                 self.mounter.unmount(target)
             if request.access_mode == SINGLE_NODE_SINGLE_WRITER:
                 others = [t for t in record.targets if t != target and self.mounter.table.is_mountpoint(t)]
