@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.berth_lab.conftest import GiB, MiB, block, timed
+from tests.berth_lab.conftest import GiB, MiB, block, staging_path, timed
 
 pytestmark = pytest.mark.lab
 
@@ -127,3 +127,60 @@ def test_snapshot_and_clone_cost_does_not_grow_with_data(lab, berth):
         berth.unpublish(full, "node1")
         berth.delete(full)
         berth.delete(empty)
+
+
+def node_leftovers(lab, volume: dict, iqn: str) -> list[str]:
+    """What a stage may leave on node1: the session, the LUN's devices and multipath map (by WWN), the stage
+    record, os-brick's per-portal lock files."""
+    wwn = volume["volume_context"]["wwn"]
+    checks = {
+        "iSCSI session": f"iscsiadm -m session 2>/dev/null | grep -F {iqn}",
+        "device or multipath map": f"ls /dev/disk/by-id | grep -F {wwn}",
+        "stage record": f"ls /var/lib/berth/volumes | grep -F {volume['volume_id'].split('/')[1]}",
+        "os-brick portal lock": f"ls /var/lib/berth/locks | grep -F {iqn}",
+    }
+    return [what for what, command in checks.items() if lab.run("node1", command, check=False).rc == 0]
+
+
+def test_a_stage_failing_after_login_leaves_nothing_and_the_retry_works(lab, berth):
+    """The second stage logs in (both portals, multipath), finds ext4 where xfs is asked for and fails. It used
+    to leave the session, the map and a record that answered ALREADY_EXISTS to every later stage."""
+    ext4 = {"mount": {"fs_type": "ext4"}, "access_mode": {"mode": "SINGLE_NODE_WRITER"}}
+    xfs = {"mount": {"fs_type": "xfs"}, "access_mode": {"mode": "SINGLE_NODE_WRITER"}}
+    volume = berth.create("failing-stage", 64 * MiB, ext4)
+    try:
+        context = berth.publish(volume, "node1", ext4).body["publish_context"]
+        assert berth.stage(volume, "node1", ext4, context).ok
+        assert berth.unstage(volume, "node1").ok
+        answer = berth.stage(volume, "node1", xfs, context)
+        assert not answer.ok and answer.body["code"] == "INTERNAL" and "already holds ext4" in answer.details, answer
+        assert node_leftovers(lab, volume, context["targetIqn"]) == []
+        assert berth.stage(volume, "node1", ext4, context).ok, "the retry with the right fs type stages"
+        assert berth.unstage(volume, "node1").ok
+        assert node_leftovers(lab, volume, context["targetIqn"]) == []
+    finally:
+        berth.unstage(volume, "node1")
+        berth.unpublish(volume, "node1")
+        berth.delete(volume)
+
+
+def test_a_clone_larger_than_its_source_gets_its_filesystem_grown_at_stage(lab, berth):
+    ext4 = {"mount": {"fs_type": "ext4"}, "access_mode": {"mode": "SINGLE_NODE_WRITER"}}
+    source = berth.create("grow-source", 64 * MiB, ext4)
+    clone = None
+    try:
+        context = berth.publish(source, "node1", ext4).body["publish_context"]
+        assert berth.stage(source, "node1", ext4, context).ok  # mkfs at 64 MiB
+        assert berth.unstage(source, "node1").ok
+        berth.unpublish(source, "node1")
+        clone = berth.create("grow-clone", 256 * MiB, ext4, source={"volume": {"volume_id": source["volume_id"]}})
+        context = berth.publish(clone, "node1", ext4).body["publish_context"]
+        assert berth.stage(clone, "node1", ext4, context).ok
+        size = int(lab.run("node1", f"df --output=size -B1 {staging_path(clone)} | tail -1").stdout)
+        assert size > 200 * MiB, f"the clone's filesystem still has its source's size: {size} bytes"
+    finally:
+        for volume in (clone, source):
+            if volume is not None:
+                berth.unstage(volume, "node1")
+                berth.unpublish(volume, "node1")
+                berth.delete(volume)

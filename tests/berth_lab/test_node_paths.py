@@ -1,0 +1,135 @@
+"""Target paths on the real node: hostile-but-legal names are published and unpublished correctly (the kernel's
+mountinfo escapes only some characters), and paths that leave their place are refused (issue #13 item 10)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from tests.berth_lab.conftest import MiB, block, mount, staging_path
+
+pytestmark = pytest.mark.lab
+
+PARENT = "/var/lib/berth-test/hostile"  # the CO creates the parent; Berth creates the target
+HOSTILE_NAMES = [
+    "with space",
+    "tab\there",
+    "new\nline",
+    "carriage\rreturn",
+    "back\\slash \\040",
+    "quotes'\"`",
+    "$(touch pwned);|&<>*?",
+    "-o remount,rw",
+    "unicode\u2028\u00e9\x1c",
+]
+
+
+def published(berth, volume: dict, target: str, capability: dict, readonly: bool = False):
+    request = {
+        "volume_id": volume["volume_id"], "staging_target_path": volume["staging"], "target_path": target,
+        "volume_capability": capability, "readonly": readonly,
+    }  # fmt: skip
+    return berth.call("node1", "Node.NodePublishVolume", request)
+
+
+def unpublished(berth, volume: dict, target: str):
+    return berth.call("node1", "Node.NodeUnpublishVolume", {"volume_id": volume["volume_id"], "target_path": target})
+
+
+def shell_test(lab, expression: str) -> bool:
+    return lab.run("node1", expression, check=False).rc == 0
+
+
+@pytest.fixture(scope="module")
+def staged(lab, berth):
+    """One staged volume per kind on node1: iSCSI ext4, iSCSI raw block, NFS."""
+    kinds = {
+        "iscsi-mount": (berth.create("paths-fs", 64 * MiB, mount()), mount()),
+        "iscsi-block": (berth.create("paths-block", 64 * MiB, block()), block()),
+        "nfs": (berth.create("paths-nfs", 512 * MiB, mount("MULTI_NODE_MULTI_WRITER"), backend="lab-nfs"),
+                mount("MULTI_NODE_MULTI_WRITER")),
+    }  # fmt: skip
+    lab.run("node1", f"mkdir -p {PARENT}")
+    for volume, capability in kinds.values():
+        volume["staging"] = staging_path(volume)
+        context = berth.publish(volume, "node1", capability).body["publish_context"]
+        answer = berth.stage(volume, "node1", capability, context)
+        assert answer.ok, answer.body
+    yield kinds
+    for volume, _ in kinds.values():
+        berth.unstage(volume, "node1")
+        berth.unpublish(volume, "node1")
+        berth.delete(volume)
+    lab.run("node1", f"rm -rf {PARENT}", check=False)
+
+
+@pytest.mark.parametrize("kind", ["iscsi-mount", "iscsi-block", "nfs"])
+def test_hostile_but_legal_targets_are_published_and_unpublished(lab, berth, staged, kind):
+    volume, capability = staged[kind]
+    failures = []
+    for name in HOSTILE_NAMES:
+        target = f"{PARENT}/{kind} {name}"
+        q = shlex.quote(target)
+        answer = published(berth, volume, target, capability)
+        if not answer.ok:
+            failures.append(f"publish {target!r}: {answer.body}")
+            continue
+        if kind == "iscsi-block":
+            works = shell_test(lab, f"test -b {q} && dd if={q} of=/dev/null bs=4k count=1 iflag=direct status=none")
+        else:
+            works = shell_test(lab, f"mountpoint -q -- {q} && echo probe > {q}/probe && grep -q probe {q}/probe")
+        if not works:
+            failures.append(f"{target!r} published but not usable")
+        stats = berth.call("node1", "Node.NodeGetVolumeStats", {"volume_id": volume["volume_id"],
+                                                                 "volume_path": target})  # fmt: skip
+        if not stats.ok:
+            failures.append(f"stats {target!r} (Berth's mountinfo view): {stats.body}")
+        again = published(berth, volume, target, capability)
+        if not again.ok:
+            failures.append(f"repeated publish {target!r}: {again.body}")
+        gone = unpublished(berth, volume, target)
+        if not gone.ok:
+            failures.append(f"unpublish {target!r}: {gone.body}")
+        if shell_test(lab, f"mountpoint -q -- {q} || test -e {q}"):
+            failures.append(f"{target!r} still mounted or present after unpublish")
+    assert not shell_test(lab, "test -e pwned || test -e /pwned"), "a name reached a shell"
+    assert not failures, "\n".join(failures)
+
+
+def test_paths_that_leave_their_place_are_refused(lab, berth, staged):
+    volume, capability = staged["iscsi-mount"]
+    lab.run("node1", f"mkdir -p /var/lib/berth-test/elsewhere && ln -sfn /var/lib/berth-test/elsewhere {PARENT}/link")
+    for target in ("relative/target", f"{PARENT}/../../escaped", f"{PARENT}/link/mount", "/proc/1/root/mnt"):
+        answer = published(berth, volume, target, capability)
+        assert not answer.ok and answer.body["code"] == "INVALID_ARGUMENT", (target, answer.body)
+    assert lab.run("node1", "ls -A /var/lib/berth-test/elsewhere").stdout == "", "nothing through the link"
+    assert not shell_test(lab, "test -e /var/lib/escaped || test -e /relative"), "nothing out of place"
+
+
+def test_unpublish_leaves_what_berth_did_not_create(lab, berth, staged):
+    volume, capability = staged["iscsi-block"]
+    foreign = f"{PARENT}/made by someone else"
+    lab.run("node1", f"echo keep > {shlex.quote(foreign)}")
+    assert unpublished(berth, volume, foreign).ok
+    assert lab.run("node1", f"cat {shlex.quote(foreign)}").stdout.strip() == "keep"
+    volume, capability = staged["iscsi-mount"]
+    existing_dir = f"{PARENT}/dir the CO made"
+    lab.run("node1", f"mkdir -p {shlex.quote(existing_dir)}")
+    assert published(berth, volume, existing_dir, capability).ok
+    assert unpublished(berth, volume, existing_dir).ok
+    assert shell_test(lab, f"test -d {shlex.quote(existing_dir)} && ! mountpoint -q -- {shlex.quote(existing_dir)}")
+
+
+def test_reader_only_publish_is_read_only(lab, berth, staged):
+    volume, _ = staged["iscsi-block"]
+    target = f"{PARENT}/reader"
+    reader = block("MULTI_NODE_READER_ONLY")
+    assert published(berth, volume, target, reader).ok
+    try:
+        q = shlex.quote(target)
+        write = lab.run("node1", f"dd if=/dev/zero of={q} bs=4k count=1 oflag=direct conv=notrunc status=none",
+                        check=False)  # fmt: skip
+        assert write.rc != 0 and "Read-only" in write.stderr, write
+    finally:
+        assert unpublished(berth, volume, target).ok
