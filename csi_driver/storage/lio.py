@@ -20,9 +20,9 @@ from importlib import resources
 from typing import Any
 
 from . import lio_host
-from .errors import AlreadyExists, CommandFailed, InvalidRequest, NotFound, StorageError
+from .errors import AlreadyExists, Busy, CommandFailed, HostNotReady, InvalidRequest, NotFound, StorageError
 from .ids import check_initiator, check_lv_name, naa_wwn, target_iqn, volume_serial
-from .runner import CommandRunner, last_json_object
+from .runner import HOST_START_MARGIN, CommandRunner, last_json_object
 
 LIO_TIMEOUT = 90.0
 
@@ -30,6 +30,8 @@ _KIND_TO_ERROR: dict[str, type[StorageError]] = {
     "invalid": InvalidRequest,
     "not_found": NotFound,
     "conflict": AlreadyExists,
+    "busy": Busy,
+    "host_not_ready": HostNotReady,
 }
 
 
@@ -118,6 +120,8 @@ class LioTargets:
         # Save the config after every change, so a storage-host reboot restores exactly what the
         # controller believes is exported (target.service reads the saved file at boot).
         self.persist = persist
+        if timeout <= HOST_START_MARGIN:
+            raise InvalidRequest(f"LIO timeout must be above {HOST_START_MARGIN:g} s")
         self.timeout = timeout
         target_iqn(self.iqn_prefix, "vol-check")  # validates the prefix early
 
@@ -128,7 +132,13 @@ class LioTargets:
 
     def run_ops(self, ops: Sequence[dict[str, Any]], save: bool = False) -> list[dict[str, Any]]:
         """Run a batch of host operations in one process; results in order, or a domain error."""
-        request = {"v": lio_host.PROTOCOL, "ops": list(ops), "save": save}
+        # The host may act during timeout - HOST_START_MARGIN seconds after it starts: never after we gave up.
+        request = {
+            "v": lio_host.PROTOCOL,
+            "ops": list(ops),
+            "save": save,
+            "budget_seconds": self.timeout - HOST_START_MARGIN,
+        }
         # Fail fast on the controller for bad input; the host validates again (it trusts nobody).
         try:
             lio_host.validate_request(request)

@@ -9,10 +9,14 @@ Why not targetcli: every targetcli call is a new process that reloads the whole 
 (1.2-2.2 s each); one rtslib process does a whole batch of operations in 0.7-1.1 s (TCG lab), and
 saves only the targets it touched, so that time stays flat as exports grow (bench/lio_many_volumes.py).
 
-Request:  {"v": 1, "ops": [{"op": "export", ...}, ...], "save": true}
+Request:  {"v": 1, "ops": [{"op": "export", ...}, ...], "save": true, "budget_seconds": 60}
 Response: {"ok": true, "results": [...]}
-          {"ok": false, "error": {"kind": "invalid|not_found|conflict|unavailable|internal",
+          {"ok": false, "error": {"kind": "invalid|not_found|conflict|busy|host_not_ready|internal",
                                   "message": "...", "op_index": n}, "results": [...]}
+
+budget_seconds: how long after this program starts it may still change anything. The controller sets it well below
+its own timeout, so a request it gave up on (it kills only its local ssh) can neither wait for the host lock nor act
+after a newer request: a publish that outlived its caller must not grant a node access again after the unpublish.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 try:  # absent on the controller and in unit tests; the validators below do not need it
@@ -37,6 +42,9 @@ LOCK_PATH = os.environ.get("BERTH_LIO_LOCK", "/run/lock/berth-lio.lock")
 TPG_TAG = 1
 LUN_INDEX = 0
 MAX_OPS = 256
+DEFAULT_BUDGET_SECONDS = 60.0
+MAX_BUDGET_SECONDS = 3600.0
+LOCK_POLL_SECONDS = 0.1
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,126}")
 # Verbatim copies of csi_driver.ids' initiator-name rule (this file runs alone on the host; a test keeps them equal).
@@ -65,8 +73,16 @@ class ConflictError(RequestError):
     kind = "conflict"
 
 
-class UnavailableError(RequestError):
-    kind = "unavailable"
+class BusyError(RequestError):
+    """The host lock stayed taken, or the request's budget ran out: nothing (more) was changed; retry."""
+
+    kind = "busy"
+
+
+class HostNotReadyError(RequestError):
+    """The host lacks what Berth needs (rtslib): an operator must install it; a retry alone will not help."""
+
+    kind = "host_not_ready"
 
 
 # --- validation (pure: unit-tested without rtslib) ---
@@ -217,17 +233,29 @@ def _check_save_path(value: Any) -> str | None:
     return value
 
 
-def validate_request(req: Any) -> tuple[list[dict[str, Any]], bool, str | None]:
-    """(ops, save, save_path) from a request, or RequestError."""
+def check_budget(value: Any) -> float:
+    if value is None:
+        return DEFAULT_BUDGET_SECONDS
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= MAX_BUDGET_SECONDS:
+        raise RequestError(f"budget_seconds must be a number in (0, {MAX_BUDGET_SECONDS:g}]")
+    return float(value)
+
+
+def validate_request(req: Any) -> tuple[list[dict[str, Any]], bool, str | None, float]:
+    """(ops, save, save_path, budget_seconds) from a request, or RequestError."""
     if not isinstance(req, dict):
         raise RequestError("request must be a JSON object")
     if req.get("v") != PROTOCOL:
         raise RequestError(f"protocol version {req.get('v')!r} unsupported (want {PROTOCOL})")
+    unknown = set(req) - {"v", "ops", "save", "save_path", "budget_seconds"}
+    if unknown:
+        raise RequestError(f"unknown request fields {sorted(unknown)}")
     ops = req.get("ops")
     if not isinstance(ops, list) or not ops or len(ops) > MAX_OPS:
         raise RequestError(f"ops must be a list of 1..{MAX_OPS} operations")
     save = _check_bool(req.get("save", False), "save")
-    return [validate_op(o) for o in ops], save, _check_save_path(req.get("save_path"))
+    budget = check_budget(req.get("budget_seconds"))
+    return [validate_op(o) for o in ops], save, _check_save_path(req.get("save_path")), budget
 
 
 # --- rtslib operations (run on the host) ---
@@ -556,26 +584,48 @@ OPS = {
 }
 
 
+Clock = Callable[[], float]
+
+
 @contextlib.contextmanager
-def host_lock(path: str | None = None) -> Iterator[None]:
-    """Serialise berth LIO programs on this host: configfs edits and saveconfig are not atomic."""
+def host_lock(deadline: float, path: str | None = None, clock: Clock = time.monotonic) -> Iterator[None]:
+    """Serialise berth LIO programs on this host (configfs edits and saveconfig are not atomic), waiting until
+    `deadline` at most: a request whose caller gave up must not queue here and run after a newer one."""
     path = path or LOCK_PATH
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if clock() >= deadline:
+                    raise BusyError(
+                        "another berth LIO operation held the host lock for this request's whole time budget; "
+                        "nothing was changed, retry later"
+                    ) from None
+                time.sleep(LOCK_POLL_SECONDS)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def execute(ops: list[dict[str, Any]], save: bool, save_path: str | None) -> dict[str, Any]:
+def execute(
+    ops: list[dict[str, Any]],
+    save: bool,
+    save_path: str | None,
+    deadline: float = float("inf"),
+    clock: Clock = time.monotonic,
+) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     touched: dict[str, set[str]] = {"targets": set(), "volumes": set()}
     mutated = False
     error: dict[str, Any] | None = None
     for index, op in enumerate(ops):
         try:
+            if op["op"] in MUTATING and clock() >= deadline:
+                raise BusyError(f"the request's time budget ran out before {op['op']}; nothing more was changed")
             if op["op"] in MUTATING:  # before the op: a half-done op must be saved too
                 touched["targets"].add(op["target"])
                 touched["volumes"].update([op["volume"]] if "volume" in op else [])
@@ -598,16 +648,20 @@ def execute(ops: list[dict[str, Any]], save: bool, save_path: str | None) -> dic
     return {"ok": True, "results": results}
 
 
-def main(stdin: Any = None, stdout: Any = None) -> int:
+def main(stdin: Any = None, stdout: Any = None, clock: Clock = time.monotonic) -> int:
+    started = clock()
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     try:
         req = json.loads(stdin.read())
-        ops, save, save_path = validate_request(req)
+        ops, save, save_path, budget = validate_request(req)
         if rtslib is None:
-            raise UnavailableError("python3-rtslib-fb is not installed on the storage host")
-        with host_lock():
-            response = execute(ops, save, save_path)
+            raise HostNotReadyError(
+                "python3-rtslib-fb is not installed on the storage host (apt-get install python3-rtslib-fb)"
+            )
+        deadline = started + budget
+        with host_lock(deadline, clock=clock):
+            response = execute(ops, save, save_path, deadline, clock)
     except json.JSONDecodeError as e:
         response = {"ok": False, "error": {"kind": "invalid", "message": f"bad JSON: {e}"}, "results": []}
     except RequestError as e:

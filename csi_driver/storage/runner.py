@@ -21,6 +21,9 @@ from typing import Any, Protocol, runtime_checkable
 from .errors import CommandFailed, CommandTimeout, HostUnreachable, InvalidRequest
 
 DEFAULT_TIMEOUT = 60.0
+# What a host program may need before its first line runs (ssh connection, interpreter start). Host programs stop
+# acting this long before the controller's timeout, since a timeout kills only the local ssh, never the remote side.
+HOST_START_MARGIN = 30.0
 
 
 @dataclass(frozen=True)

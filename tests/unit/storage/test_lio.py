@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 
 from csi_driver.storage import ids
-from csi_driver.storage.errors import AlreadyExists, CommandFailed, InvalidRequest, NotFound, StorageError
-from csi_driver.storage.lio import Chap, ExportInfo, LioTargets, host_program
-from csi_driver.storage.runner import LocalRunner
+from csi_driver.storage.errors import (
+    AlreadyExists,
+    Busy,
+    CommandFailed,
+    HostNotReady,
+    InvalidRequest,
+    NotFound,
+    StorageError,
+)
+from csi_driver.storage.lio import LIO_TIMEOUT, Chap, ExportInfo, LioTargets, host_program
+from csi_driver.storage.runner import HOST_START_MARGIN, LocalRunner
 
 from .fakes import FakeRunner
 
@@ -51,6 +59,7 @@ def test_export_sends_program_and_json_on_stdin():
     assert call.check is False
     req = sent(r)
     assert req["v"] == 1 and req["save"] is True
+    assert req["budget_seconds"] == LIO_TIMEOUT - HOST_START_MARGIN, "the host stops acting before we give up"
     assert req["ops"] == [
         {
             "op": "export",
@@ -111,7 +120,8 @@ def test_ensure_published_is_one_process():
         ("not_found", NotFound),
         ("conflict", AlreadyExists),
         ("invalid", InvalidRequest),
-        ("unavailable", StorageError),
+        ("busy", Busy),
+        ("host_not_ready", HostNotReady),
         ("internal", StorageError),
     ],
 )
@@ -213,5 +223,5 @@ def test_end_to_end_batch_in_one_process(host_env):
 
 def test_end_to_end_without_rtslib(tmp_path):
     runner = LocalRunner(env=dict(os.environ, BERTH_LIO_LOCK=str(tmp_path / "lio.lock")))
-    with pytest.raises(StorageError, match="python3-rtslib-fb is not installed"):
+    with pytest.raises(HostNotReady, match="python3-rtslib-fb is not installed"):
         LioTargets(runner, PREFIX, python=sys.executable).list_exports()

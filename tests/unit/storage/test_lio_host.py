@@ -58,6 +58,7 @@ def test_module_is_self_contained():
         "os",
         "re",
         "sys",
+        "time",
         "collections",
         "typing",
         "rtslib_fb",
@@ -181,11 +182,17 @@ def test_main_reports_bad_json_and_invalid_request():
     assert resp["ok"] is False and resp["error"]["kind"] == "invalid"
 
 
-def test_main_without_rtslib_is_unavailable(monkeypatch):
+def test_main_without_rtslib_is_host_not_ready(monkeypatch):
     monkeypatch.setattr(lio_host, "rtslib", None)
     resp = run_main(json.dumps({"v": 1, "ops": [{"op": "list_exports", "iqn_prefix": "iqn.2026-11.io.berth"}]}))
-    assert resp == {"ok": False, "error": {"kind": "unavailable", "message": resp["error"]["message"]}, "results": []}
+    assert resp["ok"] is False and resp["results"] == [] and resp["error"]["kind"] == "host_not_ready"
     assert "python3-rtslib-fb" in resp["error"]["message"]
+
+
+@pytest.mark.parametrize("budget", [0, -1, "60", True, 3601])
+def test_budget_must_be_a_sane_number(budget):
+    with pytest.raises(lio_host.RequestError, match="budget_seconds"):
+        lio_host.validate_request({"v": 1, "ops": [{"op": "save"}], "budget_seconds": budget})
 
 
 # --- logic against the fake rtslib ---
@@ -375,3 +382,45 @@ def test_saves_rewrite_only_what_changed(rts, tmp_path):
     rts["dumps"].clear()
     assert call(export_op())["ok"]
     assert "everything" in rts["dumps"], "an unreadable file is replaced by a full dump"
+
+
+# --- a request the controller gave up on changes nothing (issue #13 item 4) ---
+
+
+def test_lock_wait_is_bounded(tmp_path):
+    """The lock was waited for without limit: a publish the controller had timed out on ran after its unpublish."""
+    import fcntl
+    import time
+
+    path = tmp_path / "lio.lock"
+    with open(path, "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(lio_host.BusyError, match="nothing was changed"):
+            with lio_host.host_lock(started + 0.3, str(path)):
+                pass
+        assert 0.3 <= time.monotonic() - started < 2
+    with lio_host.host_lock(time.monotonic(), str(path)):  # free again: taken at once even with no time left
+        pass
+
+
+def test_a_publish_whose_budget_ran_out_waiting_grants_nothing(rts, tmp_path):
+    import fcntl
+
+    call(export_op())
+    with open(tmp_path / "lio.lock", "a") as holder:  # a long operation of another request holds the lock
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        late = run_main(json.dumps({"v": 1, "ops": [add_op()], "save": True, "budget_seconds": 0.2}))
+    assert late["ok"] is False and late["error"]["kind"] == "busy"
+    assert tpg(rts)["acls"] == {}, "the node got no access"
+
+
+def test_operations_after_the_budget_are_not_started(rts):
+    ticks = iter([0.0, 0.5, 2.0, 2.0, 2.0])  # start, the lock, export before the deadline, add_initiator after it
+    out = io.StringIO()
+    request = {"v": 1, "ops": [export_op(), add_op()], "save": True, "budget_seconds": 1}
+    lio_host.main(io.StringIO(json.dumps(request)), out, clock=lambda: next(ticks))
+    response = json.loads(out.getvalue())
+    assert response["error"]["kind"] == "busy" and response["error"]["op_index"] == 1
+    assert T in rts["targets"] and tpg(rts)["acls"] == {}
+    assert rts["saves"], "what the first operation did is still saved"

@@ -21,8 +21,8 @@ from csi_driver.storage.errors import (
     OutOfRange,
 )
 from csi_driver.storage.lvm import LvInfo
-from csi_driver.storage.nfs import NfsExporter, host_program
-from csi_driver.storage.runner import CommandResult
+from csi_driver.storage.nfs import NFS_TIMEOUT, PREPARE_TIMEOUT, NfsExporter, host_program
+from csi_driver.storage.runner import HOST_START_MARGIN, CommandResult
 
 from .fakes import FakeRunner, lv_row
 from .test_nfs_host import LIMIT, LV, VG, FakeSystem
@@ -285,3 +285,10 @@ def test_whole_life_cycle_on_the_simulated_host(tmp_path: Path):
 def test_minimum_size_follows_the_backend_filesystem():
     assert NfsExporter(FakeRunner(), "198.18.0.2").minimum_bytes({}) == 300 << 20
     assert NfsExporter(FakeRunner(), "198.18.0.2", filesystem="ext4").minimum_bytes({"fsType": "xfs"}) == 0
+
+
+def test_host_lock_wait_ends_before_the_controller_gives_up():
+    """A host operation that waited for its lock longer than the controller waited for it could act after a newer
+    request (the timeout kills only the local ssh). Every NFS timeout leaves the host's lock wait plus the program's
+    start inside it; an operation that got the lock holds it, so a later request on the volume runs after it."""
+    assert nfs_host.LOCK_WAIT_SECONDS + HOST_START_MARGIN <= NFS_TIMEOUT <= PREPARE_TIMEOUT
