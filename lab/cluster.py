@@ -3,7 +3,7 @@
     host (native speed, loopback):  etcd, kube-apiserver, kube-controller-manager, kube-scheduler
     node guests (TCG):              containerd + runc, CNI bridge, kubelet, kube-proxy
 
-The guests reach the apiserver at 10.0.2.100:6443 on their control NIC: a qemu `guestfwd` rule hands each such
+The guests reach the apiserver at 10.0.2.100:<its port> on their control NIC: a qemu `guestfwd` rule hands each such
 connection to socat on the host, which connects to the apiserver's loopback port. Pods reach it the normal way,
 through the `kubernetes` Service (10.96.0.1:443) that kube-proxy translates to that address. Nothing is patched:
 RBAC, the node authorizer, NodeRestriction and Pod Security admission are on as in a production cluster.
@@ -298,9 +298,14 @@ sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 net.bridge
 CTL=$(ip -o -4 addr show | awk '$4 == "10.0.2.15/24" {print $2}')
 ip route replace default via 10.0.2.2 dev "$CTL"
 [ -s /etc/resolv.conf ] || echo "nameserver 127.0.0.1" > /etc/resolv.conf
+# Berth's node prerequisites (docs/deploy.md): iscsid runs already; multipathd for the two-portal volumes.
+systemctl unmask multipathd.service multipathd.socket 2>/dev/null || true
+systemctl start multipathd
 mkdir -p /etc/containerd
 containerd config default > /etc/containerd/config.toml
-sed -i -e 's/SystemdCgroup = false/SystemdCgroup = true/' /etc/containerd/config.toml
+# Debian's CNI plugins live in /usr/lib/cni; kubelet and containerd agree on the systemd cgroup driver.
+sed -i -e 's/SystemdCgroup = false/SystemdCgroup = true/' -e 's#bin_dir = "/opt/cni/bin"#bin_dir = "/usr/lib/cni"#' \
+    /etc/containerd/config.toml
 systemctl start containerd
 for i in $(seq 50); do ctr version >/dev/null 2>&1 && break; sleep 0.2; done
 /opt/kube-tools/import-images
@@ -308,23 +313,25 @@ systemctl daemon-reload
 systemctl enable --now kubelet.service kube-proxy.service
 """
 
-# Imports every archive listed in images.json under all its refs (namespace k8s.io is what kubelet sees).
+# Imports every archive listed in images.json (namespace k8s.io is what kubelet sees). Each archive's index names
+# all its refs (org.opencontainers.image.ref.name), so ctr creates them all; the check makes a missing one loud.
 IMPORT_SCRIPT = r"""#!/usr/bin/python3
 import json, subprocess
 base = "/opt/kube/images/"
 for img in json.load(open(base + "images.json")):
-    first = img["refs"][0]
-    subprocess.run(["ctr", "-n", "k8s.io", "images", "import", "--index-name", first, base + img["file"]],
-                   check=True, stdout=subprocess.DEVNULL)
-    for ref in img["refs"][1:]:
-        subprocess.run(["ctr", "-n", "k8s.io", "images", "tag", "--force", first, ref], check=True,
-                       stdout=subprocess.DEVNULL)
+    subprocess.run(["ctr", "-n", "k8s.io", "images", "import", base + img["file"]], check=True,
+                   stdout=subprocess.DEVNULL)
+have = set(subprocess.run(["ctr", "-n", "k8s.io", "images", "ls", "-q"], check=True, capture_output=True,
+                          text=True).stdout.split())
+missing = [r for img in json.load(open(base + "images.json")) for r in img["refs"] if r not in have]
+if missing:
+    raise SystemExit(f"images not imported: {missing}")
 """
 
 
 def node_files(cp: ControlPlane, node: str, index: int, node_ip: str) -> dict[str, tuple[str, int]]:
     """Path -> (content, mode) of everything kubelet and kube-proxy need on one node."""
-    server = f"https://{pki.GUEST_API_ADDRESS}:{pki.API_GUEST_PORT}"
+    server = f"https://{pki.GUEST_API_ADDRESS}:{cp.api_port}"
     cni = {
         "cniVersion": "1.0.0",
         "name": "lab",

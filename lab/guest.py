@@ -34,7 +34,7 @@ class GuestSpec:
     # connects to. The storage guest runs a qemu hub per link, so nodes also reach each other.
     link_ports: list[list[int]] = field(default_factory=list)
     pid: int = 0
-    # Lab Kubernetes nodes: the host port of the apiserver (reached at 10.0.2.100:6443 through a guestfwd)
+    # Lab Kubernetes nodes: the apiserver's port on the host, reached at 10.0.2.100:<same port> (a guestfwd)
     # and a read-only disk with the node's programs and images.
     api_port: int = 0
     extra_disk: str = ""
@@ -108,7 +108,7 @@ class Guest:
         # a lab Kubernetes node also reaches the apiserver on the host (restrict=on spares explicit forwards).
         ctl = f"user,id=ctl,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22"
         if s.api_port:
-            ctl += f",guestfwd=tcp:{pki.GUEST_API_ADDRESS}:{pki.API_GUEST_PORT}-cmd:socat - TCP:127.0.0.1:{s.api_port}"
+            ctl += f",guestfwd=tcp:{pki.GUEST_API_ADDRESS}:{s.api_port}-cmd:socat - TCP:127.0.0.1:{s.api_port}"
         argv += [
             "-netdev",
             ctl,

@@ -12,9 +12,9 @@ import base64
 import subprocess
 from pathlib import Path
 
-# The apiserver as the guests reach it: a qemu guestfwd address on each node's control NIC.
+# The apiserver as the guests reach it: a qemu guestfwd address on each node's control NIC, on the apiserver's
+# own port (the `kubernetes` Service's endpoint carries that port).
 GUEST_API_ADDRESS = "10.0.2.100"
-API_GUEST_PORT = 6443
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 API_SANS = [
