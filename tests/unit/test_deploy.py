@@ -1,20 +1,14 @@
-"""deploy/: the Kubernetes manifests parse, agree with each other, and agree with Berth's own code.
-
-No cluster is needed: each rule is a function that returns the problems it finds, run once on the real
-manifests (must find none) and once on a deliberately broken copy (must find the break), so a rule that
-silently stopped checking anything would fail here too.
+"""deploy/: the manifests `kubectl apply -k deploy/` creates (the Helm chart rendered with its default values;
+test_helm_chart.py keeps them equal to a fresh render) parse, agree with each other, and agree with Berth's own
+code. No cluster and no helm needed; the rules are in manifests.py.
 """
 
 from __future__ import annotations
 
 import copy
-import posixpath
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -22,24 +16,49 @@ import yaml
 from csi_driver import __version__
 from csi_driver.cli import build_parser
 from csi_driver.config import Config, ConfigError, parse_config
-from csi_driver.services.controller import IGNORED_PARAMETER_PREFIX, KNOWN_PARAMETERS
 from csi_driver.storage.iscsi import chap_from_secrets
+from lab import kube_build
+from tests.unit.manifests import (
+    CONTROLLER_SIDECARS,
+    DEPLOY,
+    EXAMPLE_SUFFIX,
+    NAMESPACE,
+    Obj,
+    binding_problems,
+    config_text,
+    container,
+    controller,
+    driver_name_problems,
+    find,
+    flag,
+    health_problems,
+    host_path_of,
+    image_problems,
+    kustomization_problems,
+    load_file,
+    location,
+    node,
+    one,
+    parse,
+    propagation_problems,
+    registration_problems,
+    service_account_problems,
+    socket_problems,
+    storage_class_problems,
+    volume,
+    workload,
+    workloads,
+)
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-NAMESPACE = "berth-system"
-EXAMPLE_SUFFIX = "-example.yaml"  # shown to the operator, never applied (would overwrite real secrets)
-CONTROLLER_SIDECARS = ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer")
-CLUSTER_SCOPED = {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass", "VolumeSnapshotClass"}
-CHAP_BLOCK = re.compile(r"^# BEGIN berth-iscsi-chap\n(?P<body>.*?)^# END berth-iscsi-chap$", re.M | re.S)
-
-Obj = dict[str, Any]
-
-
-# --- loading ---------------------------------------------------------------------------------------------------
-
-
-def load_file(path: Path) -> list[Obj]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CSIDriver",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "StorageClass",
+    "VolumeSnapshotClass",
+    "StorageProfile",
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,286 +87,7 @@ def config(applied: list[Obj]) -> Config:
     return parse_config(yaml.safe_load(config_text(applied)))
 
 
-# --- helpers ---------------------------------------------------------------------------------------------------
-
-
-def find(objs: list[Obj], kind: str, name: str | None = None) -> list[Obj]:
-    return [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
-
-
-def one(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
-    found = find(objs, kind, name)
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
-
-
-def config_text(objs: list[Obj]) -> str:
-    return one(objs, "ConfigMap", "berth-config")["data"]["config.yaml"]
-
-
-def workloads(objs: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
-    """(workload, pod spec) of every Deployment and DaemonSet."""
-    for obj in objs:
-        if obj["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
-            yield obj, obj["spec"]["template"]["spec"]
-
-
-def workload(objs: list[Obj], kind: str) -> Obj:
-    return one(objs, kind)["spec"]["template"]["spec"]
-
-
-def container(spec: Obj, name: str) -> Obj:
-    matches = [c for c in spec["containers"] if c["name"] == name]
-    assert len(matches) == 1, f"expected one container {name}"
-    return matches[0]
-
-
-def flag(c: Obj, name: str) -> str | None:
-    """Value of --name=value (or -name=value) in a container's args."""
-    for arg in c.get("args", []):
-        key, sep, value = arg.lstrip("-").partition("=")
-        if key == name:
-            return value if sep else ""
-    return None
-
-
-def volume(spec: Obj, name: str) -> Obj:
-    return next(v for v in spec["volumes"] if v["name"] == name)
-
-
-def location(c: Obj, path: str) -> tuple[str, str] | None:
-    """(volume name, path inside that volume) of a path in a container, via its deepest volume mount."""
-    best = None
-    for mount in c.get("volumeMounts", []):
-        root = mount["mountPath"].rstrip("/")
-        if path == root or path.startswith(root + "/"):
-            if best is None or len(root) > len(best[0]):
-                best = (root, mount["name"], mount.get("subPath", ""))
-    if best is None:
-        return None
-    root, name, sub_path = best
-    return name, posixpath.normpath(posixpath.join(sub_path, posixpath.relpath(path, root)))
-
-
-def berth_socket(spec: Obj) -> tuple[str, str] | None:
-    endpoint = flag(container(spec, "berth"), "endpoint") or ""
-    assert endpoint.startswith("unix://"), f"berth --endpoint {endpoint!r} is not a unix socket"
-    return location(container(spec, "berth"), endpoint.removeprefix("unix://"))
-
-
-def host_path_of(spec: Obj, c: Obj, path: str) -> str | None:
-    """The host path behind a container path, when it lies on a hostPath volume."""
-    where = location(c, path)
-    if where is None or "hostPath" not in volume(spec, where[0]):
-        return None
-    return posixpath.normpath(posixpath.join(volume(spec, where[0])["hostPath"]["path"], where[1]))
-
-
-# --- rules: each returns the problems it finds ----------------------------------------------------------------
-
-
-def kustomization_problems(kustomization: Obj, file_names: set[str]) -> list[str]:
-    listed = kustomization.get("resources", [])
-    problems = [f"listed twice: {name}" for name in sorted({n for n in listed if listed.count(n) > 1})]
-    manifests = {n for n in file_names if n != "kustomization.yaml"}
-    for name in sorted(manifests - set(listed)):
-        if not name.endswith(EXAMPLE_SUFFIX):
-            problems.append(f"{name} is in deploy/ but not in kustomization.yaml")
-    for name in sorted(set(listed) - manifests):
-        problems.append(f"kustomization.yaml lists {name}, which is not a YAML file in deploy/")
-    for name in sorted(n for n in listed if n.endswith(EXAMPLE_SUFFIX)):
-        problems.append(f"{name} is an example and must not be applied")
-    problems += [f"{name}: use .yaml" for name in sorted(file_names) if name.endswith(".yml")]
-    return problems
-
-
-def image_problems(objs: list[Obj]) -> list[str]:
-    problems = []
-    for wl, spec in workloads(objs):
-        for c in spec.get("initContainers", []) + spec["containers"]:
-            image = c.get("image", "")
-            last = image.rsplit("/", 1)[-1]
-            if "@sha256:" in last:
-                continue
-            name, sep, tag = last.partition(":")
-            if not sep or not tag:
-                problems.append(f"{wl['metadata']['name']}/{c['name']}: image {image!r} has no tag")
-            elif tag == "latest":
-                problems.append(f"{wl['metadata']['name']}/{c['name']}: image {image!r} is not pinned")
-    return problems
-
-
-def driver_name_problems(objs: list[Obj], chap_class: Obj | None = None) -> list[str]:
-    drivers = find(objs, "CSIDriver")
-    if len(drivers) != 1:
-        return [f"expected one CSIDriver, found {len(drivers)}"]
-    name = drivers[0]["metadata"]["name"]
-    problems = []
-    configured = parse_config(yaml.safe_load(config_text(objs))).driver_name
-    if configured != name:
-        problems.append(f"config driver_name {configured!r} != CSIDriver {name!r}")
-    for sc in find(objs, "StorageClass") + ([chap_class] if chap_class else []):
-        if sc["provisioner"] != name:
-            problems.append(f"StorageClass {sc['metadata']['name']}: provisioner {sc['provisioner']!r}")
-    for vsc in find(objs, "VolumeSnapshotClass"):
-        if vsc["driver"] != name:
-            problems.append(f"VolumeSnapshotClass {vsc['metadata']['name']}: driver {vsc['driver']!r}")
-    for wl, spec in workloads(objs):
-        for c in spec["containers"]:
-            if flag(c, "driver-name") not in (None, name):
-                problems.append(f"{c['name']}: --driver-name={flag(c, 'driver-name')}")
-            registration = flag(c, "kubelet-registration-path")
-            if registration is not None and f"/plugins/{name}/" not in registration:
-                problems.append(f"{c['name']}: --kubelet-registration-path={registration} is not under plugins/{name}/")
-        for v in spec.get("volumes", []):
-            path = v.get("hostPath", {}).get("path", "")
-            if "/plugins/" in path and posixpath.basename(path) not in (name, "plugins_registry", "plugins"):
-                problems.append(f"{wl['metadata']['name']}: plugin hostPath {path} is not named after {name}")
-    return problems
-
-
-def socket_problems(spec: Obj) -> list[str]:
-    """Every other container reaches Berth's socket through the same volume and path Berth serves it on."""
-    socket = berth_socket(spec)
-    if socket is None:
-        return ["berth's --endpoint is on no volume mount: sidecars cannot share it"]
-    problems = []
-    for c in spec["containers"]:
-        if c["name"] == "berth":
-            continue
-        address = flag(c, "csi-address")
-        if address is None:
-            problems.append(f"{c['name']}: no --csi-address")
-        elif location(c, address) != socket:
-            problems.append(f"{c['name']}: --csi-address={address} is {location(c, address)}, berth serves {socket}")
-    return problems
-
-
-def registration_problems(spec: Obj) -> list[str]:
-    """kubelet dials --kubelet-registration-path on the host: it must be where Berth's socket really is."""
-    berth = container(spec, "berth")
-    socket_host_path = host_path_of(spec, berth, (flag(berth, "endpoint") or "").removeprefix("unix://"))
-    if socket_host_path is None:
-        return ["berth's socket is not on a hostPath volume: kubelet cannot reach it"]
-    registrar = container(spec, "node-driver-registrar")
-    problems = []
-    if flag(registrar, "kubelet-registration-path") != socket_host_path:
-        problems.append(
-            f"--kubelet-registration-path={flag(registrar, 'kubelet-registration-path')}, "
-            f"socket is at {socket_host_path} on the host"
-        )
-    if host_path_of(spec, registrar, "/registration") != "/var/lib/kubelet/plugins_registry":
-        problems.append("node-driver-registrar: /registration is not the host's /var/lib/kubelet/plugins_registry")
-    probe = registrar.get("livenessProbe", {}).get("exec", {}).get("command", [])
-    if probe and f"--kubelet-registration-path={socket_host_path}" not in probe:
-        problems.append("node-driver-registrar livenessProbe checks another registration path")
-    return problems
-
-
-def propagation_problems(objs: list[Obj]) -> list[str]:
-    """Node berth mounts the host's /var/lib/kubelet at the same path, Bidirectional, privileged; nobody else."""
-    problems = []
-    node = workload(objs, "DaemonSet")
-    berth = container(node, "berth")
-    kubelet_mounts = [
-        m
-        for m in berth.get("volumeMounts", [])
-        if volume(node, m["name"]).get("hostPath", {}).get("path", "").rstrip("/") == "/var/lib/kubelet"
-    ]
-    if len(kubelet_mounts) != 1:
-        problems.append(f"node berth mounts the host's /var/lib/kubelet {len(kubelet_mounts)} times")
-    for m in kubelet_mounts:
-        if m.get("mountPropagation") != "Bidirectional":
-            problems.append(f"node berth /var/lib/kubelet propagation is {m.get('mountPropagation', 'None')}")
-        if m["mountPath"].rstrip("/") != "/var/lib/kubelet":
-            problems.append(f"kubelet's paths are host paths: mount /var/lib/kubelet at itself, not {m['mountPath']}")
-    if not berth.get("securityContext", {}).get("privileged"):
-        problems.append("node berth is not privileged (Bidirectional propagation requires it)")
-    for wl, spec in workloads(objs):
-        for c in spec["containers"]:
-            if wl is one(objs, "DaemonSet") and c is berth:
-                continue
-            for m in c.get("volumeMounts", []):
-                if m.get("mountPropagation") == "Bidirectional":
-                    problems.append(f"{wl['metadata']['name']}/{c['name']} needs no Bidirectional mount ({m['name']})")
-    return problems
-
-
-def service_account_problems(objs: list[Obj]) -> list[str]:
-    accounts = {(sa["metadata"].get("namespace"), sa["metadata"]["name"]) for sa in find(objs, "ServiceAccount")}
-    problems = []
-    for wl, spec in workloads(objs):
-        wanted = (wl["metadata"].get("namespace"), spec.get("serviceAccountName", "default"))
-        if wanted not in accounts:
-            problems.append(f"{wl['kind']} {wl['metadata']['name']} runs as missing ServiceAccount {wanted}")
-    return problems
-
-
-def binding_problems(objs: list[Obj]) -> list[str]:
-    accounts = {(sa["metadata"].get("namespace"), sa["metadata"]["name"]) for sa in find(objs, "ServiceAccount")}
-    cluster_roles = {r["metadata"]["name"] for r in find(objs, "ClusterRole")}
-    roles = {(r["metadata"].get("namespace"), r["metadata"]["name"]) for r in find(objs, "Role")}
-    problems, bound = [], set()
-    for binding in find(objs, "ClusterRoleBinding") + find(objs, "RoleBinding"):
-        where = f"{binding['kind']} {binding['metadata']['name']}"
-        ref = binding["roleRef"]
-        if ref.get("apiGroup") != "rbac.authorization.k8s.io":
-            problems.append(f"{where}: roleRef apiGroup {ref.get('apiGroup')!r}")
-        if ref["kind"] == "ClusterRole":
-            known = ref["name"] in cluster_roles
-            bound.add(("ClusterRole", None, ref["name"]))
-        elif ref["kind"] == "Role" and binding["kind"] == "RoleBinding":
-            known = (binding["metadata"].get("namespace"), ref["name"]) in roles
-            bound.add(("Role", binding["metadata"].get("namespace"), ref["name"]))
-        else:
-            known = False
-        if not known:
-            problems.append(f"{where}: refers to missing {ref['kind']} {ref['name']}")
-        for subject in binding.get("subjects", []):
-            if subject["kind"] != "ServiceAccount":
-                problems.append(f"{where}: subject {subject['kind']} {subject['name']} is not a ServiceAccount")
-            elif (subject.get("namespace"), subject["name"]) not in accounts:
-                problems.append(f"{where}: subject ServiceAccount {subject.get('namespace')}/{subject['name']} missing")
-    for name in sorted(cluster_roles):
-        if ("ClusterRole", None, name) not in bound:
-            problems.append(f"ClusterRole {name} is bound to nobody")
-    for namespace, name in sorted(roles):
-        if ("Role", namespace, name) not in bound:
-            problems.append(f"Role {namespace}/{name} is bound to nobody")
-    return problems
-
-
-def storage_class_problems(classes: list[Obj], config: Config) -> list[str]:
-    problems = []
-    for sc in classes:
-        name, params = sc["metadata"]["name"], sc.get("parameters", {})
-        unknown = sorted(k for k in params if k not in KNOWN_PARAMETERS and not k.startswith(IGNORED_PARAMETER_PREFIX))
-        if unknown:
-            problems.append(f"{name}: Berth would reject parameters {unknown}")
-        backend_name = params.get("backend") or config.default_backend
-        backend = config.backends.get(backend_name or "")
-        if backend is None:
-            problems.append(f"{name}: backend {backend_name!r} is not in config.yaml")
-            continue
-        fs_type = params.get("csi.storage.k8s.io/fstype")
-        if backend.protocol == "nfs" and fs_type != "nfs":
-            # Without it the provisioner's --default-fstype=ext4 would ask for ext4 on an NFS volume.
-            problems.append(f"{name}: NFS class needs csi.storage.k8s.io/fstype: nfs, has {fs_type!r}")
-        if backend.protocol == "iscsi" and fs_type not in (None, "ext4", "xfs"):
-            problems.append(f"{name}: fstype {fs_type!r} on iSCSI")
-        expected_protocol = "nfs" if "nfs" in name else "iscsi"
-        if backend.protocol != expected_protocol:
-            problems.append(f"{name}: named for {expected_protocol} but backend {backend_name} is {backend.protocol}")
-    return problems
-
-
-def chap_class_text() -> str:
-    match = CHAP_BLOCK.search((DEPLOY / "storageclasses.yaml").read_text())
-    assert match, "storageclasses.yaml has no '# BEGIN berth-iscsi-chap' ... '# END berth-iscsi-chap' block"
-    return "\n".join(re.sub(r"^# ?", "", line) for line in match["body"].splitlines())
-
-
-# --- tests: the real manifests ---------------------------------------------------------------------------------
+# --- the manifests ---------------------------------------------------------------------------------------------
 
 
 def test_every_yaml_file_parses_into_kubernetes_objects(files: dict[str, list[Obj]]) -> None:
@@ -366,13 +106,18 @@ def test_kustomization_lists_every_manifest_and_no_example(kustomization: Obj) -
     assert kustomization_problems(kustomization, {p.name for p in DEPLOY.iterdir() if p.is_file()}) == []
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def kubectl() -> str | None:
+    lab_kubectl = kube_build.bin_dir() / "kubectl"
+    return str(lab_kubectl) if lab_kubectl.is_file() else shutil.which("kubectl")
+
+
+@pytest.mark.skipif(kubectl() is None, reason="kubectl is not installed")
 def test_kustomize_builds_exactly_the_listed_objects(applied: list[Obj]) -> None:
     result = subprocess.run(
-        ["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60, check=False
+        [str(kubectl()), "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    rendered = parse(result.stdout)
 
     def keys(objs: list[Obj]) -> list[tuple[str, str, str]]:
         return sorted((o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objs)
@@ -380,7 +125,7 @@ def test_kustomize_builds_exactly_the_listed_objects(applied: list[Obj]) -> None
     assert keys(rendered) == keys(applied)
 
 
-def test_objects_are_unique_and_namespaced_in_berth_system(applied: list[Obj], examples: list[Obj]) -> None:
+def test_objects_are_unique_and_namespaced_in_berths_namespace(applied: list[Obj], examples: list[Obj]) -> None:
     seen = set()
     for obj in applied + examples:
         key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
@@ -390,7 +135,12 @@ def test_objects_are_unique_and_namespaced_in_berth_system(applied: list[Obj], e
             assert "namespace" not in obj["metadata"], f"{key}: cluster-scoped objects take no namespace"
         else:
             assert obj["metadata"].get("namespace") == NAMESPACE, f"{key} is not in {NAMESPACE}"
-    assert one(applied, "Namespace")["metadata"]["name"] == NAMESPACE
+
+
+def test_namespace_allows_the_privileged_node_plugin(applied: list[Obj]) -> None:
+    namespace = one(applied, "Namespace")
+    assert namespace["metadata"]["name"] == NAMESPACE
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
 
 def test_images_are_pinned(applied: list[Obj]) -> None:
@@ -405,9 +155,14 @@ def test_berth_image_tag_is_the_package_version(applied: list[Obj]) -> None:
     assert all(image.startswith("registry.k8s.io/sig-storage/") for image in sidecars), sidecars
 
 
+def test_berth_does_its_own_registration_and_health_checks(applied: list[Obj]) -> None:
+    """No node-driver-registrar, no livenessprobe: Berth serves both (the module proxy has neither)."""
+    assert [c["name"] for c in node(applied)["containers"]] == ["berth"]
+    assert [c["name"] for c in controller(applied)["containers"]] == ["berth", *CONTROLLER_SIDECARS]
+
+
 def test_driver_name_is_the_same_everywhere(applied: list[Obj]) -> None:
-    chap_class = yaml.safe_load(chap_class_text())
-    assert driver_name_problems(applied, chap_class) == []
+    assert driver_name_problems(applied) == []
     assert one(applied, "CSIDriver")["metadata"]["name"] == "berth.csi.io"
 
 
@@ -423,7 +178,7 @@ def test_csidriver_spec(applied: list[Obj]) -> None:
     assert spec["storageCapacity"] is False
 
 
-def test_configmap_config_validates(applied: list[Obj], config: Config) -> None:
+def test_configmap_config_validates(config: Config) -> None:
     assert config.backends, "the example config defines no backend"
     assert config.default_backend in config.backends
     assert {b.protocol for b in config.backends.values()} == {"iscsi", "nfs"}
@@ -431,20 +186,20 @@ def test_configmap_config_validates(applied: list[Obj], config: Config) -> None:
 
 
 def test_config_ssh_files_come_from_the_ssh_secret(applied: list[Obj], examples: list[Obj], config: Config) -> None:
-    controller = workload(applied, "Deployment")
-    berth = container(controller, "berth")
+    controller_spec = controller(applied)
+    berth = container(controller_spec, "berth")
     secret_example = one(examples, "Secret", "berth-ssh")
     for name, backend in config.backends.items():
         for path in (backend.host.ssh_identity_file, backend.host.ssh_known_hosts_file):
             assert path, f"backend {name}: SSH key and known_hosts must be configured"
             where = location(berth, path)
             assert where is not None, f"{path} is on no volume of the controller"
-            ssh_volume = volume(controller, where[0])
+            ssh_volume = volume(controller_spec, where[0])
             assert ssh_volume["secret"]["secretName"] == "berth-ssh"
             assert where[1] in {item["path"] for item in ssh_volume["secret"]["items"]}
             assert where[1] in secret_example["stringData"], f"secret-example.yaml has no key {where[1]}"
         assert backend.host.ssh_strict_host_key_checking == "yes"
-    ssh_volume = volume(controller, "ssh")
+    ssh_volume = volume(controller_spec, "ssh")
     assert ssh_volume["secret"]["defaultMode"] == 0o400
     assert {item["key"] for item in ssh_volume["secret"]["items"]} == set(secret_example["stringData"])
 
@@ -458,29 +213,28 @@ def test_config_mount_matches_berth_config_flag(applied: list[Obj]) -> None:
         assert where[1] == "config.yaml"
 
 
-@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
-def test_sidecars_use_the_socket_berth_serves(applied: list[Obj], kind: str) -> None:
-    assert socket_problems(workload(applied, kind)) == []
+def test_sidecars_use_the_socket_berth_serves(applied: list[Obj]) -> None:
+    assert socket_problems(controller(applied)) == []
 
 
-def test_registrar_registers_the_socket_on_the_host(applied: list[Obj]) -> None:
-    assert registration_problems(workload(applied, "DaemonSet")) == []
+def test_berth_registers_the_socket_kubelet_can_reach(applied: list[Obj]) -> None:
+    assert registration_problems(node(applied), "/var/lib/kubelet") == []
 
 
 def test_kubelet_dir_is_bidirectional_on_node_berth_only(applied: list[Obj]) -> None:
-    assert propagation_problems(applied) == []
+    assert propagation_problems(applied, "/var/lib/kubelet") == []
 
 
 def test_stage_records_live_on_the_host(applied: list[Obj], config: Config) -> None:
-    node = workload(applied, "DaemonSet")
-    assert host_path_of(node, container(node, "berth"), config.node.state_dir) == config.node.state_dir
+    node_spec = node(applied)
+    assert host_path_of(node_spec, container(node_spec, "berth"), config.node.state_dir) == config.node.state_dir
 
 
 def test_node_plugin_shares_the_hosts_namespaces_it_needs(applied: list[Obj]) -> None:
-    node = workload(applied, "DaemonSet")
-    assert node["hostNetwork"] is True  # iscsid/multipathd abstract sockets, NFS transports, node addresses
-    assert node.get("hostPID", False) is False
-    host_paths = {v["hostPath"]["path"] for v in node["volumes"] if "hostPath" in v}
+    node_spec = node(applied)
+    assert node_spec["hostNetwork"] is True  # iscsid/multipathd abstract sockets, NFS transports, node addresses
+    assert node_spec.get("hostPID", False) is False
+    host_paths = {v["hostPath"]["path"] for v in node_spec["volumes"] if "hostPath" in v}
     for path in (
         "/dev",
         "/sys",
@@ -495,20 +249,18 @@ def test_node_plugin_shares_the_hosts_namespaces_it_needs(applied: list[Obj]) ->
         "/var/lib/kubelet/plugins_registry",
     ):
         assert path in host_paths, f"node pod does not mount the host's {path}"
-    berth = container(node, "berth")
+    berth = container(node_spec, "berth")
     for path in ("/dev", "/sys", "/run/udev", "/lib/modules", "/etc/iscsi", "/run/lock"):
-        assert host_path_of(node, berth, path) == path, f"node berth does not see the host's {path} at {path}"
-    assert (
-        location(berth, "/lib/modules")
-        and next(m for m in berth["volumeMounts"] if m["mountPath"] == "/lib/modules").get("readOnly") is True
-    )
+        assert host_path_of(node_spec, berth, path) == path, f"node berth does not see the host's {path} at {path}"
+    assert next(m for m in berth["volumeMounts"] if m["mountPath"] == "/lib/modules").get("readOnly") is True
 
 
-def test_berth_arguments_parse_with_berths_cli(applied: list[Obj]) -> None:
+def test_berth_arguments_are_flags_berth_knows(applied: list[Obj]) -> None:
     modes = {}
     for wl, spec in workloads(applied):
         berth = container(spec, "berth")
-        args = build_parser().parse_args(berth["args"])
+        args, unknown = build_parser().parse_known_args(berth["args"])
+        assert unknown == [], f"{wl['metadata']['name']}: berth does not know {unknown}"
         modes[wl["kind"]] = args.mode
         assert args.log_format == "json"
         # Berth's node ID is "<initiator IQN>|<addresses>" from NodeGetInfo, not a Kubernetes node name.
@@ -517,11 +269,10 @@ def test_berth_arguments_parse_with_berths_cli(applied: list[Obj]) -> None:
 
 
 def test_controller_sidecars_elect_a_leader(applied: list[Obj]) -> None:
-    controller_deployment = one(applied, "Deployment")
-    spec = workload(applied, "Deployment")
+    assert one(applied, "Deployment", "berth-controller")["spec"]["replicas"] >= 1
+    spec = controller(applied)
     for name in CONTROLLER_SIDECARS:
         assert flag(container(spec, name), "leader-election") in ("", "true"), f"{name} without --leader-election"
-    assert controller_deployment["spec"]["replicas"] >= 1
     provisioner = container(spec, "csi-provisioner")
     for wanted in ("extra-create-metadata", "enable-capacity"):
         assert flag(provisioner, wanted) == "", f"csi-provisioner without --{wanted}"
@@ -530,15 +281,17 @@ def test_controller_sidecars_elect_a_leader(applied: list[Obj]) -> None:
     assert flag(provisioner, "timeout") == "120s"
     assert {e["name"] for e in provisioner["env"]} >= {"NAMESPACE", "POD_NAME"}  # needed by --enable-capacity
     assert flag(container(spec, "csi-resizer"), "handle-volume-inuse-error") == "false"
+    assert flag(container(spec, "csi-snapshotter"), "feature-gates") == "CSIVolumeGroupSnapshot=false"
 
 
-def test_liveness_probes_reach_the_livenessprobe_sidecar(applied: list[Obj]) -> None:
-    for wl, spec in workloads(applied):
-        berth = container(spec, "berth")
-        port_name = berth["livenessProbe"]["httpGet"]["port"]
-        port = next(p["containerPort"] for p in berth["ports"] if p["name"] == port_name)
-        assert berth["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert flag(container(spec, "liveness-probe"), "health-port") == str(port), wl["metadata"]["name"]
+@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
+def test_liveness_probes_reach_berths_health_port(applied: list[Obj], kind: str) -> None:
+    assert health_problems(workload(applied, kind)) == []
+
+
+def test_health_ports_are_9808_in_the_pod_and_9809_on_the_host(applied: list[Obj]) -> None:
+    assert flag(container(controller(applied), "berth"), "health-port") == "9808"
+    assert flag(container(node(applied), "berth"), "health-port") == "9809"  # hostNetwork: clear of others' 9808
 
 
 def test_every_container_has_resources_and_a_security_context(applied: list[Obj]) -> None:
@@ -559,9 +312,7 @@ def test_every_container_has_resources_and_a_security_context(applied: list[Obj]
 
 def test_workloads_run_as_existing_service_accounts(applied: list[Obj]) -> None:
     assert service_account_problems(applied) == []
-    names = {spec["serviceAccountName"] for _, spec in workloads(applied)}
-    rbac = load_file(DEPLOY / "rbac.yaml")
-    assert names <= {sa["metadata"]["name"] for sa in find(rbac, "ServiceAccount")}
+    assert {spec["serviceAccountName"] for _, spec in workloads(applied)} == {"berth-controller", "berth-node"}
 
 
 def test_role_bindings_refer_to_existing_roles_and_accounts(applied: list[Obj]) -> None:
@@ -591,33 +342,23 @@ def test_controller_rbac_covers_what_the_sidecars_need(applied: list[Obj]) -> No
         ("", "secrets", "get"),  # CHAP controller-publish secret, read by the attacher
     ]:
         assert allowed("Role", group, resource, verb), f"no Role in {NAMESPACE} allows {verb} {resource}"
-    assert not allowed("ClusterRole", "", "secrets", "get"), "secrets stay namespaced (berth-system)"
+    assert not allowed("ClusterRole", "", "secrets", "get"), "secrets stay namespaced"
 
 
 def test_storage_classes_use_configured_backends_and_known_parameters(applied: list[Obj], config: Config) -> None:
-    classes = find(applied, "StorageClass") + [yaml.safe_load(chap_class_text())]
-    assert {sc["metadata"]["name"] for sc in classes} == {
-        "berth-iscsi-block-rwx",
-        "berth-iscsi-fs",
-        "berth-nfs",
-        "berth-iscsi-chap",
-    }
+    classes = find(applied, "StorageClass")
+    assert {sc["metadata"]["name"] for sc in classes} == {"berth-iscsi-block-rwx", "berth-iscsi-fs", "berth-nfs"}
     assert storage_class_problems(classes, config) == []
     for sc in classes:
         assert sc["allowVolumeExpansion"] is True
         assert sc["volumeBindingMode"] == "Immediate"
+        assert sc["reclaimPolicy"] == "Delete"
     assert one(applied, "StorageClass", "berth-iscsi-fs")["parameters"]["csi.storage.k8s.io/fstype"] == "ext4"
     assert one(applied, "VolumeSnapshotClass", "berth-snapshots")["deletionPolicy"] == "Delete"
 
 
-def test_chap_example_class_and_secret_agree(examples: list[Obj]) -> None:
-    chap_class = yaml.safe_load(chap_class_text())
-    params = chap_class["parameters"]
+def test_chap_example_secret_is_complete(examples: list[Obj]) -> None:
     secret = one(examples, "Secret", "berth-chap")
-    for side in ("controller-publish", "node-stage"):
-        assert params[f"csi.storage.k8s.io/{side}-secret-name"] == secret["metadata"]["name"]
-        assert params[f"csi.storage.k8s.io/{side}-secret-namespace"] == secret["metadata"]["namespace"]
-    # The keys Berth reads: mutual CHAP with both directions set.
     chap = chap_from_secrets(secret["stringData"])
     assert chap is not None and chap.mutual_user, "berth-chap must be a complete mutual CHAP example"
     assert set(secret["stringData"]) == {
@@ -629,7 +370,7 @@ def test_chap_example_class_and_secret_agree(examples: list[Obj]) -> None:
     assert all("PLACEHOLDER" in value for value in secret["stringData"].values())
 
 
-# --- tests: each rule catches the break it exists for ---------------------------------------------------------
+# --- each rule catches the break it exists for ----------------------------------------------------------------
 
 
 def test_kustomization_rule_catches_missing_extra_and_example_files(kustomization: Obj) -> None:
@@ -646,7 +387,7 @@ def test_kustomization_rule_catches_missing_extra_and_example_files(kustomizatio
 
 def test_image_rule_catches_latest_and_untagged(applied: list[Obj]) -> None:
     broken = copy.deepcopy(applied)
-    spec = workload(broken, "Deployment")
+    spec = controller(broken)
     container(spec, "csi-attacher")["image"] = "registry.k8s.io/sig-storage/csi-attacher:latest"
     container(spec, "csi-resizer")["image"] = "registry.k8s.io/sig-storage/csi-resizer"
     container(spec, "berth")["image"] = "localhost:5000/berth"  # a registry port is not a tag
@@ -656,39 +397,48 @@ def test_image_rule_catches_latest_and_untagged(applied: list[Obj]) -> None:
 def test_driver_name_rule_catches_a_mismatch(applied: list[Obj]) -> None:
     broken = copy.deepcopy(applied)
     one(broken, "StorageClass", "berth-nfs")["provisioner"] = "berth.csi.example"
-    registrar = container(workload(broken, "DaemonSet"), "node-driver-registrar")
-    registrar["args"] = [
-        "--kubelet-registration-path=/var/lib/kubelet/plugins/other.csi.io/csi.sock"
-        if a.startswith("--kubelet-registration-path")
+    berth = container(node(broken), "berth")
+    berth["args"] = [
+        "--kubelet-csi-endpoint=/var/lib/kubelet/plugins/other.csi.io/csi.sock"
+        if a.startswith("--kubelet-csi-endpoint")
         else a
-        for a in registrar["args"]
+        for a in berth["args"]
     ]
     problems = driver_name_problems(broken)
     assert len(problems) == 2, problems
 
 
-def test_socket_rules_catch_a_sidecar_on_another_socket(applied: list[Obj]) -> None:
+def test_socket_and_registration_rules_catch_a_socket_elsewhere(applied: list[Obj]) -> None:
     broken = copy.deepcopy(applied)
-    spec = workload(broken, "Deployment")
+    spec = controller(broken)
     container(spec, "csi-snapshotter")["args"][0] = "--csi-address=/run/csi/socket"
     container(spec, "csi-attacher")["volumeMounts"] = []
     assert len(socket_problems(spec)) == 2
-    node = workload(broken, "DaemonSet")
-    volume(node, "plugin-dir")["hostPath"]["path"] = "/var/lib/kubelet/plugins/elsewhere"
-    assert registration_problems(node)
+    node_spec = node(broken)
+    volume(node_spec, "plugin-dir")["hostPath"]["path"] = "/var/lib/kubelet/plugins/elsewhere"
+    volume(node_spec, "registration-dir")["hostPath"]["path"] = "/var/lib/kubelet/plugins"
+    assert len(registration_problems(node_spec, "/var/lib/kubelet")) == 2
 
 
 def test_propagation_rule_catches_a_missing_or_misplaced_bidirectional(applied: list[Obj]) -> None:
     broken = copy.deepcopy(applied)
-    berth = container(workload(broken, "DaemonSet"), "berth")
+    berth = container(node(broken), "berth")
     next(m for m in berth["volumeMounts"] if m["name"] == "kubelet-dir")["mountPropagation"] = "HostToContainer"
-    container(workload(broken, "DaemonSet"), "liveness-probe")["volumeMounts"][0]["mountPropagation"] = "Bidirectional"
-    assert len(propagation_problems(broken)) == 2
+    container(controller(broken), "csi-attacher")["volumeMounts"][0]["mountPropagation"] = "Bidirectional"
+    assert len(propagation_problems(broken, "/var/lib/kubelet")) == 2
+
+
+def test_health_rule_catches_a_probe_on_another_port(applied: list[Obj]) -> None:
+    broken = copy.deepcopy(applied)
+    berth = container(node(broken), "berth")
+    berth["args"] = ["--health-port=9808" if a.startswith("--health-port") else a for a in berth["args"]]
+    berth["livenessProbe"]["httpGet"]["path"] = "/"
+    assert len(health_problems(node(broken))) == 2
 
 
 def test_rbac_rules_catch_dangling_references(applied: list[Obj]) -> None:
     broken = copy.deepcopy(applied)
-    workload(broken, "DaemonSet")["serviceAccountName"] = "berth-nodes"
+    node(broken)["serviceAccountName"] = "berth-nodes"
     assert len(service_account_problems(broken)) == 1
     one(broken, "ClusterRoleBinding", "berth-external-attacher")["roleRef"]["name"] = "external-attacher-runner"
     one(broken, "RoleBinding", "berth-controller-leader-election")["subjects"][0]["namespace"] = "kube-system"
@@ -702,14 +452,16 @@ def test_storage_class_rule_catches_unknown_parameters_and_backends(applied: lis
     broken = copy.deepcopy(find(applied, "StorageClass"))
     broken[0]["parameters"]["pool"] = "fast"
     broken[1]["parameters"]["backend"] = "storage2"
-    del broken[2]["parameters"]["csi.storage.k8s.io/fstype"]
+    next(sc for sc in broken if sc["metadata"]["name"] == "berth-nfs")["parameters"].pop("csi.storage.k8s.io/fstype")
     assert len(storage_class_problems(broken, config)) == 3
 
 
 def test_config_check_catches_the_unquoted_yes(applied: list[Obj]) -> None:
     text = config_text(applied)
-    assert 'ssh_strict_host_key_checking: "yes"' in text
+    assert 'ssh_strict_host_key_checking: "yes"' in text or "ssh_strict_host_key_checking: 'yes'" in text
     with pytest.raises(ConfigError, match="ssh_strict_host_key_checking"):
         parse_config(
-            yaml.safe_load(text.replace('ssh_strict_host_key_checking: "yes"', "ssh_strict_host_key_checking: yes"))
+            yaml.safe_load(
+                re.sub(r"ssh_strict_host_key_checking: ['\"]yes['\"]", "ssh_strict_host_key_checking: yes", text)
+            )
         )
