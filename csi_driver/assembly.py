@@ -6,6 +6,9 @@ The only module that knows every layer; the layers themselves stay ignorant of e
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable
 
 from csi_driver.config import BackendConfig, Config, HostConfig
@@ -58,16 +61,56 @@ def build_backends(config: Config) -> dict[str, LvmBackend]:
     return backends
 
 
+# How often Probe may start a look at the storage hosts (Probe itself never waits for one).
+BACKEND_CHECK_INTERVAL_SECONDS = 30.0
+
+
+class BackendWatch:
+    """Probe's view of the storage backends: it never fails Probe and never waits for a storage host.
+
+    A restart cannot bring a storage host back, and one dead host must not restart the controller for all the
+    others: their calls keep working, calls to the dead one answer UNAVAILABLE fast (SshRunner) and it is used again
+    as soon as it answers. Probe only starts a background look at every backend (at most one at a time, at most every
+    `interval` seconds), which logs each backend whose state changed: unreachable, misconfigured, back.
+    """
+
+    def __init__(self, backends: dict[str, LvmBackend], interval: float = BACKEND_CHECK_INTERVAL_SECONDS) -> None:
+        self.backends = backends
+        self.interval = interval
+        self.problems: dict[str, str | None] = {}  # backend → its last problem, None when it answered
+        self._lock = threading.Lock()
+        self._looking = False
+        self._last_look = -math.inf
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._looking or time.monotonic() - self._last_look < self.interval:
+                return None
+            self._looking = True
+        threading.Thread(target=self.look, daemon=True, name="backend-watch").start()
+        return None
+
+    def look(self) -> None:
+        try:
+            for name, backend in self.backends.items():
+                try:
+                    backend.pool.capacity()
+                    problem = None
+                except StorageError as err:
+                    problem = str(err)
+                if name in self.problems and problem == self.problems[name]:
+                    continue
+                if problem:
+                    log.warning("backend not usable", extra={"backend": name, "reason": problem})
+                elif name in self.problems:
+                    log.info("backend usable again", extra={"backend": name})
+                self.problems[name] = problem
+        finally:
+            with self._lock:
+                self._looking = False
+                self._last_look = time.monotonic()
+
+
 def backend_readiness_check(backends: dict[str, LvmBackend]) -> Callable[[], str | None]:
-    """Probe: every backend's storage host answers and its thin pool exists."""
-
-    def check() -> str | None:
-        problems = []
-        for name, backend in backends.items():
-            try:
-                backend.pool.capacity()
-            except StorageError as err:
-                problems.append(f"backend {name}: {err}")
-        return "; ".join(problems) or None
-
-    return check
+    """The controller's readiness check: a BackendWatch, which logs and never fails (see there why)."""
+    return BackendWatch(backends)

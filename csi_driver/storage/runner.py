@@ -8,19 +8,26 @@ IQNs) can never be interpreted by a shell.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import CommandFailed, CommandTimeout, HostUnreachable, InvalidRequest
 
+log = logging.getLogger("berth.storage.ssh")
+
 DEFAULT_TIMEOUT = 60.0
+# sshd's MaxSessions defaults to 10 multiplexed sessions per connection; the 11th fails like a dead host.
+DEFAULT_MAX_SESSIONS = 8
 # What a host program may need before its first line runs (ssh connection, interpreter start). Host programs stop
 # acting this long before the controller's timeout, since a timeout kills only the local ssh, never the remote side.
 HOST_START_MARGIN = 30.0
@@ -133,6 +140,12 @@ class SshRunner:
     A ControlMaster is started explicitly (ssh -M -N -f) with its socket in a private temp dir;
     later commands multiplex over it (~70 ms each instead of a full handshake). If the master died,
     ssh falls back to a direct connection, so a stale socket only costs speed.
+
+    An unreachable host fails fast (docs/storage-host.md): one connection attempt at a time, bounded by twice the
+    connect timeout, and callers that arrive meanwhile share its outcome instead of queueing for attempts of their
+    own; after a failure the host is remembered as down for `down_retry_seconds`, during which calls answer
+    HostUnreachable at once; the first call after that tries again, so recovery needs no restart. At most
+    `max_sessions` commands run at once (sshd's MaxSessions).
     """
 
     def __init__(
@@ -147,6 +160,8 @@ class SshRunner:
         control_persist: int = 600,
         ssh_binary: str = "ssh",
         extra_options: Sequence[str] = (),
+        down_retry_seconds: float | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ):
         if not host or host.startswith("-") or any(c.isspace() for c in host):
             raise InvalidRequest(f"invalid ssh host {host!r}")
@@ -164,12 +179,22 @@ class SshRunner:
         self.control_persist = control_persist
         self.ssh_binary = ssh_binary
         self.extra_options = list(extra_options)
+        self.down_retry_seconds = connect_timeout if down_retry_seconds is None else down_retry_seconds
         # Private (0700) dir: whoever can connect to the socket gets a root shell on the host.
         self._dir = tempfile.mkdtemp(prefix="berth-ssh-")
         self.control_path = os.path.join(self._dir, "cm")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields below, never held while waiting for the host
         self._closed = False
+        self._attempt: threading.Event | None = None  # set when the connection attempt in flight has ended
+        self._down_until = 0.0
+        self._down_reason: str | None = None  # why the host was last found unreachable; None while reachable
+        self._sessions = threading.BoundedSemaphore(max_sessions)
         self._env = c_locale_env()
+
+    @property
+    def connect_bound(self) -> float:
+        """The longest a connection attempt may take (TCP connect, then key exchange and authentication)."""
+        return 2 * self.connect_timeout
 
     # --- command construction (pure, unit-tested) ---
 
@@ -179,9 +204,10 @@ class SshRunner:
             "-p", str(self.port),
             "-l", self.user,
             "-o", "BatchMode=yes",  # never prompt for a password or passphrase
-            "-o", f"ConnectTimeout={int(self.connect_timeout)}",
+            "-o", f"ConnectTimeout={max(1, math.ceil(self.connect_timeout))}",
             "-o", f"StrictHostKeyChecking={self.strict_host_key_checking}",
-            "-o", "ServerAliveInterval=15",
+            # A cut link ends the master (and every command waiting on it) after 15 s, not 45 s.
+            "-o", "ServerAliveInterval=5",
             "-o", "ServerAliveCountMax=3",
             "-o", "LogLevel=ERROR",
             "-o", f"ControlPath={self.control_path}",
@@ -208,33 +234,88 @@ class SshRunner:
         # that would hold our output pipes open in the background).
         return [*self.base_args(), "-o", "ControlMaster=no", "-T", self.host, "--", remote_command(argv)]
 
-    # --- running ---
+    # --- reachability ---
+
+    def _fail_if_down(self) -> None:
+        """Under self._lock: HostUnreachable at once while the host is remembered as down."""
+        if self._closed:
+            raise HostUnreachable(f"ssh runner for {self.host} is closed")
+        remaining = self._down_until - time.monotonic()
+        if self._down_reason is not None and remaining > 0:
+            raise HostUnreachable(
+                f"storage host {self.host}:{self.port} is unreachable ({self._down_reason}); "
+                f"the next attempt is in {remaining:.0f} s"
+            )
+
+    def _mark_down(self, reason: str) -> None:
+        with self._lock:
+            if self._down_reason is None:
+                log.warning("storage host unreachable", extra={"host": self.host, "reason": reason})
+            self._down_reason = reason
+            self._down_until = time.monotonic() + self.down_retry_seconds
+
+    def _mark_up(self) -> None:
+        with self._lock:
+            if self._down_reason is not None:
+                log.info("storage host reachable again", extra={"host": self.host})
+            self._down_reason = None
 
     def _ensure_master(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise HostUnreachable(f"ssh runner for {self.host} is closed")
-            if os.path.exists(self.control_path):
-                return
-            # stderr to a file, not a pipe: the daemonised master would keep a pipe open forever.
-            with tempfile.TemporaryFile(dir=self._dir) as err:
-                try:
-                    rc = subprocess.run(
-                        self.master_args(),
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL,
-                        stderr=err,
-                        timeout=self.connect_timeout + 30,
-                        env=self._env,
-                    ).returncode
-                except subprocess.TimeoutExpired as e:
-                    raise HostUnreachable(f"ssh to {self.host}:{self.port} timed out") from e
-                except FileNotFoundError as e:
-                    raise HostUnreachable(f"ssh client {self.ssh_binary!r} not found") from e
-                if rc != 0:
-                    err.seek(0)
-                    msg = err.read().decode("utf-8", "replace").strip()
-                    raise HostUnreachable(f"ssh to {self.user}@{self.host}:{self.port} failed: {msg}")
+        while True:
+            with self._lock:
+                self._fail_if_down()
+                if os.path.exists(self.control_path):
+                    return
+                attempt, mine = self._attempt, self._attempt is None
+                if mine:
+                    attempt = self._attempt = threading.Event()
+            assert attempt is not None
+            if not mine:
+                attempt.wait(self.connect_bound + 5)  # share its outcome, then look again
+                continue
+            try:
+                self._start_master()
+            except HostUnreachable as err:
+                self._mark_down(str(err))
+                raise
+            finally:
+                with self._lock:
+                    self._attempt = None
+                attempt.set()
+            self._mark_up()
+            return
+
+    def _start_master(self) -> None:
+        # stderr to a file, not a pipe: the daemonised master would keep a pipe open forever.
+        with tempfile.TemporaryFile(dir=self._dir) as err:
+            try:
+                rc = subprocess.run(
+                    self.master_args(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    timeout=self.connect_bound,
+                    env=self._env,
+                ).returncode
+            except subprocess.TimeoutExpired as e:
+                raise HostUnreachable(f"ssh to {self.host}:{self.port} timed out after {self.connect_bound:g} s") from e
+            except FileNotFoundError as e:
+                raise HostUnreachable(f"ssh client {self.ssh_binary!r} not found") from e
+            if rc != 0:
+                err.seek(0)
+                msg = err.read().decode("utf-8", "replace").strip()
+                raise HostUnreachable(f"ssh to {self.user}@{self.host}:{self.port} failed: {msg}")
+
+    def _take_session(self, args: list[str], timeout: float) -> None:
+        """Wait for one of max_sessions, giving up early when the host is found down meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not self._sessions.acquire(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
+            with self._lock:
+                self._fail_if_down()
+            if time.monotonic() >= deadline:
+                raise CommandTimeout(args, timeout, f"every ssh session to {self.host} stayed busy")
+
+    # --- running ---
 
     def run(
         self,
@@ -246,10 +327,10 @@ class SshRunner:
     ) -> CommandResult:
         args = _validate_argv(argv)
         self._ensure_master()
-        cmd = self.command_args(args)
+        self._take_session(args, timeout)
         try:
             proc = subprocess.run(
-                cmd,
+                self.command_args(args),
                 input=input,
                 stdin=None if input is not None else subprocess.DEVNULL,
                 capture_output=True,
@@ -260,11 +341,15 @@ class SshRunner:
             raise CommandTimeout(args, timeout, e.stderr or b"") from e
         except FileNotFoundError as e:
             raise HostUnreachable(f"ssh client {self.ssh_binary!r} not found") from e
+        finally:
+            self._sessions.release()
         # 255 is ssh's own failure code; a remote program exiting 255 is indistinguishable, and
         # none of the programs we run uses it.
         if proc.returncode == 255:
             msg = proc.stderr.decode("utf-8", "replace").strip()
-            raise HostUnreachable(f"ssh to {self.host}:{self.port} failed: {msg}")
+            error = HostUnreachable(f"ssh to {self.host}:{self.port} failed: {msg}")
+            self._mark_down(str(error))
+            raise error
         result = CommandResult(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
             raise CommandFailed(args, proc.returncode, proc.stderr, proc.stdout)
@@ -276,17 +361,17 @@ class SshRunner:
             if self._closed:
                 return
             self._closed = True
-            if os.path.exists(self.control_path):
-                try:
-                    subprocess.run(
-                        [*self.base_args(), "-O", "exit", self.host],
-                        stdin=subprocess.DEVNULL,
-                        capture_output=True,
-                        timeout=10,
-                    )
-                except (subprocess.TimeoutExpired, OSError):
-                    pass  # best effort: ControlPersist ends it eventually anyway
-            shutil.rmtree(self._dir, ignore_errors=True)
+        if os.path.exists(self.control_path):
+            try:
+                subprocess.run(
+                    [*self.base_args(), "-O", "exit", self.host],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=10,
+                )
+            except (subprocess.TimeoutExpired, OSError):
+                pass  # best effort: ControlPersist ends it eventually anyway
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> SshRunner:
         return self

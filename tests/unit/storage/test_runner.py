@@ -113,6 +113,12 @@ FAKE_SSH = textwrap.dedent(
     if os.environ.get("FAKE_SSH_UNREACHABLE"):
         sys.stderr.write("ssh: connect to host storage port 22: Connection refused\\n")
         sys.exit(255)
+    state = open(os.environ["FAKE_SSH_STATE"]).read().split() if os.environ.get("FAKE_SSH_STATE") else ["up"]
+    if state[0] == "hang":  # a host whose packets vanish: the connection attempt runs into its timeout
+        import time
+        time.sleep(float(state[1]))
+        sys.stderr.write("ssh: connect to host storage port 22: Connection timed out\\n")
+        sys.exit(255)
     opts = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "-o" and "=" in args[i + 1])
     path = opts["ControlPath"]
     if "-O" in args:
@@ -225,3 +231,87 @@ def test_ssh_command_args_shape():
 def test_ssh_runner_rejects_option_like_hosts(host):
     with pytest.raises(InvalidRequest):
         SshRunner(host)
+
+
+# --- an unreachable storage host (issue #13 item 7) ---
+
+
+@pytest.fixture
+def host_state(fake_ssh, tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    state.write_text("up")
+    monkeypatch.setenv("FAKE_SSH_STATE", str(state))
+    return state
+
+
+def test_calls_to_a_dead_host_share_one_attempt_then_fail_at_once_and_recover(fake_ssh, host_state):
+    """Each caller used to wait for the lock, then make its own 40 s attempt: calls queued one after another."""
+    import threading
+    import time
+
+    script, log = fake_ssh
+    host_state.write_text("hang 1.0")
+    r = SshRunner("storage.example", ssh_binary=str(script), connect_timeout=1, down_retry_seconds=0.5)
+    try:
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                r.run(["true"])
+            except HostUnreachable as err:
+                errors.append(err)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 6 and time.monotonic() - started < 4, "six calls, one attempt's time, not six"
+        assert len([c for c in logged(log) if "ControlMaster=yes" in c]) == 1
+        started = time.monotonic()
+        with pytest.raises(HostUnreachable, match="storage host storage.example:22 is unreachable"):
+            r.run(["true"])
+        assert time.monotonic() - started < 0.2, "remembered as down: no new attempt"
+        host_state.write_text("up")
+        time.sleep(0.6)
+        assert r.run(["echo", "back"]).text == "back\n", "recovered without a restart"
+    finally:
+        r.close()
+
+
+def test_a_lost_connection_marks_the_host_down(fake_ssh, host_state):
+    script, log = fake_ssh
+    r = SshRunner("storage.example", ssh_binary=str(script), down_retry_seconds=30)
+    try:
+        r.run(["true"])
+        with pytest.raises(HostUnreachable):
+            r.run(["sh", "-c", "exit 255"])
+        count = len(logged(log))
+        with pytest.raises(HostUnreachable, match="unreachable"):
+            r.run(["true"])
+        assert len(logged(log)) == count, "failed without running ssh"
+    finally:
+        r.close()
+
+
+def test_at_most_max_sessions_commands_at_once(fake_ssh, tmp_path):
+    """sshd refuses an 11th multiplexed session (MaxSessions 10), which reads like a dead host."""
+    import threading
+
+    script, _ = fake_ssh
+    r = SshRunner("storage.example", ssh_binary=str(script), max_sessions=2)
+    marker = tmp_path / "running"
+    marker.mkdir()
+    # Each command notes itself in a directory while it runs and records how many were running.
+    body = f'touch {marker}/$$; ls {marker} | wc -l >> {tmp_path}/peaks; sleep 0.3; rm {marker}/$$'
+    try:
+        threads = [threading.Thread(target=r.run, args=(["sh", "-c", body],)) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        r.close()
+    peaks = [int(x) for x in (tmp_path / "peaks").read_text().split()]
+    assert len(peaks) == 5 and max(peaks) <= 2
