@@ -232,13 +232,42 @@ def test_default_install_has_no_extras(defaults: list[Obj]) -> None:
     assert not find(defaults, "Secret"), "the chart refers to existing Secrets, it never carries credentials"
 
 
+def default_config_text() -> str:
+    return yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+
+
 def test_config_changes_restart_the_pods(defaults: list[Obj]) -> None:
     """Berth reads its config once: a changed config must change the pod templates (checksum annotation)."""
-    changed = template("config.node.max_volumes_per_node=7")
+    changed = template(
+        values={"config": default_config_text().replace("max_volumes_per_node: 0", "max_volumes_per_node: 7")}
+    )
     for kind in ("Deployment", "DaemonSet"):
         before = one(defaults, kind)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         after = one(changed, kind)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         assert before != after, kind
+
+
+def test_own_config_replaces_the_example_whole(helm: Path) -> None:
+    """As YAML text or as a mapping, a config leaves none of the example's backends behind (no Helm map merge)."""
+    own = {
+        "default_backend": "san1",
+        "backends": {
+            "san1": {
+                "protocol": "iscsi",
+                "host": {"address": "10.20.0.5"},
+                "lvm": {"volume_group": "vg", "thin_pool": "pool"},
+                "iscsi": {"portals": ["10.20.0.5:3260"]},
+            }
+        },
+    }
+    classes = [{"name": "berth-iscsi-block-rwx"}]  # no backend: the config's default_backend
+    for config in (own, yaml.safe_dump(own)):
+        objs = template(values={"config": config, "storageClasses": classes})
+        parsed = parse_config(yaml.safe_load(config_text(objs)))
+        assert list(parsed.backends) == ["san1"]
+        assert parsed.driver_name == "berth.csi.io"
+        assert parsed.node.state_dir == "/var/lib/kubelet/plugins/berth.csi.io"
+        assert one(objs, "StorageClass")["parameters"] == {"backend": "san1"}
 
 
 def test_kubevirt_extras(helm: Path) -> None:
@@ -307,11 +336,12 @@ def test_chap_class_refers_to_the_secret_and_the_attacher_may_read_it(helm: Path
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (["storageClasses[0].backend=storage2"], 'backend "storage2" is not in config.backends'),
-        (["kubevirt.defaultVirtClass=berth-fast"], 'kubevirt.defaultVirtClass "berth-fast" is not in storageClasses'),
-        (["config.driver_name=other.csi.io"], "differs from driverName"),
+        ({"storageClasses": [{"name": "berth-x", "backend": "san2"}]}, 'berth-x: backend "san2" is not in config'),
+        ({"kubevirt": {"defaultVirtClass": "berth-fast"}}, '"berth-fast" is not in storageClasses'),
+        ({"config": default_config_text() + "driver_name: other.csi.io\n"}, "differs from driverName"),
+        ({"config": "backends: [unclosed"}, "config is not valid YAML"),
     ],
 )
-def test_chart_refuses_inconsistent_values(helm: Path, values: list[str], message: str) -> None:
+def test_chart_refuses_inconsistent_values(helm: Path, values: Obj, message: str) -> None:
     with pytest.raises(render.RenderError, match=re.escape(message)):
-        template(*values)
+        template(values=values)

@@ -19,18 +19,31 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ $image.repository }}:{{ $image.tag | default (index . 1) }}
 {{- end }}
 
-{{/* Berth's config file: values.config with driver_name and node.state_dir filled in. */}}
-{{- define "berth.config" -}}
-{{- $config := deepCopy .Values.config -}}
+{{/* Berth's config as JSON: values.config (YAML text or a mapping) with driver_name and node.state_dir filled in. */}}
+{{- define "berth.configData" -}}
+{{- $config := .Values.config | default dict -}}
+{{- if kindIs "string" $config -}}
+{{- $config = fromYaml $config -}}
+{{- if hasKey $config "Error" -}}
+{{- fail (printf "config is not valid YAML: %s" $config.Error) -}}
+{{- end -}}
+{{- else -}}
+{{- $config = deepCopy $config -}}
+{{- end -}}
 {{- if and $config.driver_name (ne $config.driver_name .Values.driverName) -}}
 {{- $message := "config.driver_name %q differs from driverName %q: set driverName only" -}}
 {{- fail (printf $message $config.driver_name .Values.driverName) -}}
 {{- end -}}
 {{- $_ := set $config "driver_name" .Values.driverName -}}
-{{- $node := deepCopy ($config.node | default dict) -}}
+{{- $node := $config.node | default dict -}}
 {{- $_ := set $node "state_dir" ($node.state_dir | default (include "berth.pluginDir" .)) -}}
 {{- $_ := set $config "node" $node -}}
-{{- toYaml $config -}}
+{{- toJson $config -}}
+{{- end }}
+
+{{/* Berth's config file (YAML). */}}
+{{- define "berth.config" -}}
+{{- include "berth.configData" . | fromJson | toYaml -}}
 {{- end }}
 
 {{/* Restarts the pods when the config changes: Berth reads it once at start-up. */}}
@@ -91,11 +104,12 @@ securityContext:
 
 {{/* Fails the render on values that would give a broken installation. */}}
 {{- define "berth.validate" -}}
-{{- $backends := .Values.config.backends | default dict -}}
+{{- $config := include "berth.configData" . | fromJson -}}
+{{- $backends := $config.backends | default dict -}}
 {{- $classes := list -}}
 {{- range .Values.storageClasses -}}
 {{- $classes = append $classes .name -}}
-{{- $backend := .backend | default $.Values.config.default_backend -}}
+{{- $backend := .backend | default $config.default_backend -}}
 {{- if not (hasKey $backends ($backend | default "")) -}}
 {{- fail (printf "storageClasses %s: backend %q is not in config.backends" .name $backend) -}}
 {{- end -}}
