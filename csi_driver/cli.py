@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="debug also logs request and response bodies, with csi_secret fields stripped",
     )
-    parser.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default: %(default)s)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=16,
+        help="gRPC worker threads for Controller calls, and as many for Node calls; Identity has its own "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--socket-mode",
         type=lambda text: int(text, 8),

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +14,7 @@ import grpc
 
 from csi_driver.server.endpoint import Endpoint, prepare_unix_socket
 from csi_driver.server.interceptor import LoggingInterceptor
+from csi_driver.server.lanes import Lanes
 
 log = logging.getLogger("berth.server")
 
@@ -48,9 +48,11 @@ def listen_on_unix_socket(server: grpc.Server, path: str, mode: int) -> int:
 
 @dataclass(frozen=True)
 class ServerOptions:
-    workers: int = 8
-    # RPCs beyond this many in flight or queued are refused with RESOURCE_EXHAUSTED instead of piling up.
-    max_pending_rpcs: int = 64
+    # Threads of the Controller lane and of the Node lane each; Identity has a lane of its own (lanes.py).
+    workers: int = 16
+    # A backstop against memory, not a scheduler: RPCs beyond this many in flight or queued, in all lanes together,
+    # are refused with RESOURCE_EXHAUSTED (Probe included, so it is far above what COs send at once).
+    max_pending_rpcs: int = 512
     socket_mode: int = 0o600
     grace_seconds: float = 20.0
 
@@ -67,9 +69,10 @@ class CsiServer:
         self.options = options
         # Started once the CSI socket listens (kubelet dials it as soon as it sees the registration socket).
         self.companions = list(companions)
+        self._lanes = Lanes(options.workers)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc"),
-            interceptors=[LoggingInterceptor()],
+            self._lanes.quick,  # every method runs in its lane; this pool only serves what no lane claims
+            interceptors=[self._lanes.interceptor(), LoggingInterceptor()],
             maximum_concurrent_rpcs=options.max_pending_rpcs,
         )
         for register in registrations:
@@ -97,6 +100,7 @@ class CsiServer:
         for companion in reversed(self.companions):
             companion.stop()
         self._server.stop(grace).wait()
+        self._lanes.shutdown()
         if self.endpoint.scheme == "unix":
             try:
                 os.unlink(self.endpoint.address)
