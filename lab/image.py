@@ -68,13 +68,17 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
-def guest_requirements(pyproject: Path = config.REPO / "pyproject.toml") -> list[str]:
-    """Berth's runtime dependencies + the `node` extra + pytest: what the guests' venv gets."""
+def berth_requirements(pyproject: Path = config.REPO / "pyproject.toml") -> list[str]:
+    """Berth's runtime dependencies + the `node` extra: what a node or controller needs to run Berth."""
     project = tomllib.loads(pyproject.read_text())["project"]
-    extras = project.get("optional-dependencies", {})
-    reqs = list(project.get("dependencies", [])) + list(extras.get("node", []))
+    return list(project.get("dependencies", [])) + list(project.get("optional-dependencies", {}).get("node", []))
+
+
+def guest_requirements(pyproject: Path = config.REPO / "pyproject.toml") -> list[str]:
+    """berth_requirements + pytest: what the guests' venv gets."""
+    extras = tomllib.loads(pyproject.read_text())["project"].get("optional-dependencies", {})
     pytest_req = [r for r in extras.get("test", []) if re.match(r"pytest\b", r)] or ["pytest"]
-    return reqs + pytest_req[:1]
+    return berth_requirements(pyproject) + pytest_req[:1]
 
 
 def kernel_package() -> tuple[str, str]:
@@ -238,10 +242,7 @@ def build(inputs: Inputs, out: Path) -> None:
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
             "--dpkgopt=path-exclude=/usr/share/info/*",
-            # Share downloaded .debs between builds (the mmdebstrap man page recipe).
-            "--skip=essential/unlink",
-            f'--setup-hook=mkdir -p "$1"/var/cache/apt/archives/ && cp -a {debs}/. "$1"/var/cache/apt/archives/',
-            f'--customize-hook=cp -a "$1"/var/cache/apt/archives/. {debs}/ && rm -rf {debs}/lock {debs}/partial',
+            *deb_cache_args(debs),
             f"--customize-hook={hook}",
             config.SUITE,
             str(rootfs),
@@ -283,6 +284,15 @@ def build(inputs: Inputs, out: Path) -> None:
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"image built in {time.monotonic() - t0:.0f} s")
+
+
+def deb_cache_args(debs: Path) -> list[str]:
+    """mmdebstrap options that share downloaded .debs between builds through `debs` (the man page recipe)."""
+    return [
+        "--skip=essential/unlink",
+        f'--setup-hook=mkdir -p "$1"/var/cache/apt/archives/ && cp -a {debs}/. "$1"/var/cache/apt/archives/',
+        f'--customize-hook=cp -a "$1"/var/cache/apt/archives/. {debs}/ && rm -rf {debs}/lock {debs}/partial',
+    ]
 
 
 def unmount_under(path: Path) -> None:
@@ -382,27 +392,7 @@ def customize(root: Path) -> None:
     wheels = root / "tmp/wheels"
     shutil.copytree(env["BERTH_LAB_WHEELS"], wheels, dirs_exist_ok=True)
     shutil.copy(out / "requirements.txt", root / "tmp/requirements.txt")
-    # pip in the chroot gets the host's proxy settings and CA bundle (a TLS-intercepting proxy needs its CA),
-    # but not host paths that do not exist in the chroot.
-    pip_env = {
-        k: v
-        for k, v in env.items()
-        if k.lower() in {"http_proxy", "https_proxy", "no_proxy"}
-        or k in {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_DEFAULT_TIMEOUT", "PIP_TRUSTED_HOST"}
-    }
-    cert = next(
-        (
-            c
-            for c in (env.get("PIP_CERT"), env.get("SSL_CERT_FILE"), env.get("REQUESTS_CA_BUNDLE"), DEFAULT_CA)
-            if c and Path(c).is_file()
-        ),
-        None,
-    )
-    if cert:
-        shutil.copy(cert, root / "tmp/host-ca.crt")
-        pip_env.update({k: "/tmp/host-ca.crt" for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")})
-    pip = ["env", "-i", "HOME=/root", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *[f"{k}={v}" for k, v in pip_env.items()]]
-    pip += [f"{venv}/bin/pip", "-q", "--disable-pip-version-check", "--no-cache-dir"]
+    pip = [*chroot_pip_env(root), f"{venv}/bin/pip", "-q", "--disable-pip-version-check", "--no-cache-dir"]
     offline = [
         *pip,
         "install",
@@ -425,6 +415,31 @@ def customize(root: Path) -> None:
     (root / config.GUEST_SRC.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
     install(Path(env["BERTH_LAB_SANITY"]), root / "usr/local/bin/csi-sanity", 0o755)
+
+
+def chroot_pip_env(root: Path) -> list[str]:
+    """`env -i ...` for pip in the chroot `root`: the host's proxy settings and CA bundle (a TLS-intercepting
+    proxy needs its CA; copied to the chroot's /tmp/host-ca.crt, which the caller removes), but not host paths
+    that do not exist in the chroot."""
+    env = os.environ
+    pip_env = {
+        k: v
+        for k, v in env.items()
+        if k.lower() in {"http_proxy", "https_proxy", "no_proxy"}
+        or k in {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_DEFAULT_TIMEOUT", "PIP_TRUSTED_HOST"}
+    }
+    cert = next(
+        (
+            c
+            for c in (env.get("PIP_CERT"), env.get("SSL_CERT_FILE"), env.get("REQUESTS_CA_BUNDLE"), DEFAULT_CA)
+            if c and Path(c).is_file()
+        ),
+        None,
+    )
+    if cert:
+        shutil.copy(cert, root / "tmp/host-ca.crt")
+        pip_env.update({k: "/tmp/host-ca.crt" for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")})
+    return ["env", "-i", "HOME=/root", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *[f"{k}={v}" for k, v in pip_env.items()]]
 
 
 def install(src: Path, dst: Path, mode: int = 0o644) -> None:
