@@ -173,6 +173,9 @@ class LvmBackend:
         """Create, or finish creating, the volume for CSI name `name`; same name + same request → same volume.
 
         required_bytes 0 means "no size asked": a clone takes its source's size, a new volume default_bytes.
+        Raises OutOfRange (above the backend's size limit, below the filesystem's minimum or the source's size, or
+        beyond limit_bytes) and CapacityExhausted (the pool may not promise that much more) before anything is made;
+        AlreadyExists for the same name with another request; NotFound for a missing source.
         """
         lv = volume_lv_name(self.name, name)
         meta = {
@@ -207,9 +210,9 @@ class LvmBackend:
                 existing = self.pool.clone(source_info.name, lv, size, creating)
         if existing.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
             # A fresh LV, or one a crashed earlier attempt left half-made: finish it.
+            if max_bytes is None:
+                max_bytes = self.size_limit()
             try:
-                if max_bytes is None:
-                    max_bytes = self.size_limit()
                 self.exporter.prepare(existing, fresh=source is None, max_bytes=max_bytes)
             except StorageError as err:
                 if not isinstance(err, TRANSIENT_ERRORS):
