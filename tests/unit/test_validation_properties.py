@@ -23,6 +23,8 @@ CONTROL = {chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}
 hostile_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=160) | st.text(
     alphabet="ab/|,.:-_\n\r\t\x00\x7f\x85é", max_size=40
 )
+# The machine running the tests is shared with emulated guests: time per example is no measure here.
+relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | hostile_text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(hostile_text, inner, max_size=4),
@@ -30,12 +32,14 @@ json_values = st.recursive(
 )
 
 
+@relaxed
 @given(hostile_text)
 def test_a_name_is_valid_exactly_when_the_spec_says_so(name):
     expected = 0 < len(name.encode()) <= 128 and not set(name) & BANNED_IN_NAMES
     assert (name_problem(name) is None) == expected
 
 
+@relaxed
 @given(st.dictionaries(hostile_text, hostile_text, max_size=40), st.booleans())
 def test_a_map_is_valid_exactly_when_the_spec_says_so(mapping, secret):
     expected = all(
@@ -50,6 +54,7 @@ def test_a_map_is_valid_exactly_when_the_spec_says_so(mapping, secret):
 part = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9+_.-]{0,60}", fullmatch=True)
 
 
+@relaxed
 @given(part, part)
 def test_volume_ids_round_trip(backend, lv):
     volume_id = ids.join_volume_id(backend, lv)
@@ -57,6 +62,7 @@ def test_volume_ids_round_trip(backend, lv):
         assert ids.split_volume_id(volume_id) == (backend, lv)
 
 
+@relaxed
 @given(hostile_text)
 def test_an_accepted_volume_id_is_one_berth_could_have_made(text):
     try:
@@ -72,6 +78,7 @@ initiators = st.from_regex(ids.IQN_PATTERN, fullmatch=True).filter(lambda n: len
 )
 
 
+@relaxed
 @given(initiators, st.lists(st.ip_addresses().map(str), min_size=1, max_size=4))
 def test_node_ids_round_trip_and_every_side_accepts_the_initiator(iqn, addresses):
     node_id = ids.encode_node_id(iqn, addresses)
@@ -80,6 +87,7 @@ def test_node_ids_round_trip_and_every_side_accepts_the_initiator(iqn, addresses
     lio_host.check_initiator(iqn)  # a node ID the controller accepts never fails at publish
 
 
+@relaxed
 @given(hostile_text)
 def test_an_accepted_node_id_re_encodes_to_itself(text):
     try:
@@ -89,6 +97,7 @@ def test_an_accepted_node_id_re_encodes_to_itself(text):
     assert node.encode() == text and "\n" not in text
 
 
+@relaxed
 @given(json_values)
 def test_host_programs_refuse_any_malformed_request_with_their_own_error(request):
     for validate, error in ((nfs_host.validate_request, nfs_host.RequestError),
@@ -99,6 +108,7 @@ def test_host_programs_refuse_any_malformed_request_with_their_own_error(request
             pass
 
 
+@relaxed
 @given(
     st.fixed_dictionaries(
         {"v": st.just(1), "op": st.sampled_from(sorted(nfs_host._FIELDS))},
@@ -118,6 +128,7 @@ def test_nfs_host_never_accepts_a_newline_or_control_character(request):
         assert not (isinstance(value, str) and set(value) & CONTROL)
 
 
+@relaxed
 @given(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1))
 def test_capacity_range_is_consistent_or_out_of_range(required, limit):
     try:
@@ -128,7 +139,7 @@ def test_capacity_range_is_consistent_or_out_of_range(required, limit):
     assert got_limit == limit and (not limit or got_required <= limit)
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@relaxed
 @given(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1) | st.just(0), st.integers(1, 2**63 - 1))
 def test_no_size_beyond_the_policy_ever_reaches_the_pool(required, limit, expand_to):
     pool = FakeThinPool(size_bytes=100 * GiB)
