@@ -198,9 +198,9 @@ def _ensure_base(repo: Path) -> Path:
     if not (base / "layout/index.json").exists():
         base.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=base.parent, prefix=".build-"))
+        os.chmod(tmp, 0o755)  # apt in the chroot downloads as _apt
         try:
             _build_base(repo, tmp)
-            os.chmod(tmp, 0o755)
             os.rename(tmp, base)
         finally:
             unmount_under(tmp)  # never rmtree through a mount mmdebstrap failed to undo
