@@ -34,10 +34,10 @@ class GuestSpec:
     # connects to. The storage guest runs a qemu hub per link, so nodes also reach each other.
     link_ports: list[list[int]] = field(default_factory=list)
     pid: int = 0
-    # Lab Kubernetes nodes: the apiserver's port on the host, reached at 10.0.2.100:<same port> (a guestfwd)
-    # and a read-only disk with the node's programs and images.
+    # Lab Kubernetes nodes: the apiserver's port on the host, reached at 10.0.2.100:<same port> (a guestfwd),
+    # and cached raw disks: the node's programs (read-only) and containerd's state (a copy-on-write overlay).
     api_port: int = 0
-    extra_disk: str = ""
+    kube_disks: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict) -> GuestSpec:
@@ -73,6 +73,8 @@ class Guest:
         disks = [("root.qcow2", ["-F", "raw", "-b", str(self.image / "root.raw")])]
         if self.spec.role == "storage":
             disks.append(("data.qcow2", []))  # sparse; holds VG "berth" and thin pool "berth/pool"
+        if len(self.spec.kube_disks) > 1:
+            disks.append(("containerd.qcow2", ["-F", "raw", "-b", self.spec.kube_disks[1]]))
         for name, backing in disks:
             path = self.dir / name
             if keep and path.exists():
@@ -102,8 +104,9 @@ class Guest:
         ]  # fmt: skip
         if s.role == "storage":
             argv += ["-drive", f"file={self.dir / 'data.qcow2'},if=virtio,format=qcow2,cache=unsafe,discard=unmap"]
-        if s.extra_disk:
-            argv += ["-drive", f"file={s.extra_disk},if=virtio,format=raw,readonly=on"]
+        if s.kube_disks:
+            argv += ["-drive", f"file={s.kube_disks[0]},if=virtio,format=raw,readonly=on",
+                     "-drive", f"file={self.dir / 'containerd.qcow2'},if=virtio,format=qcow2,cache=unsafe"]  # fmt: skip
         # Control link: user-mode networking, no way out (restrict=on), ssh forwarded from 127.0.0.1 only;
         # a lab Kubernetes node also reaches the apiserver on the host (restrict=on spares explicit forwards).
         ctl = f"user,id=ctl,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22"

@@ -133,10 +133,10 @@ class Lab:
             )
         if self.cluster:
             # Control plane first (a few seconds natively): the kubelets find it as soon as they start.
-            api_port, disk = self.cluster.prepare(names[1:], self.owner_bound)
+            api_port, disks = self.cluster.prepare(names[1:], self.owner_bound)
             self.save()
             for spec in specs[1:]:
-                spec.api_port, spec.extra_disk, spec.mem_mb = api_port, str(disk), 1536
+                spec.api_port, spec.kube_disks, spec.mem_mb = api_port, [str(d) for d in disks], 1536
         link = ports[1 + n :]
         specs[0].link_ports = [link[k * n : (k + 1) * n] for k in range(2)]
         for i in range(1, n + 1):
