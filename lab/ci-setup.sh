@@ -1,14 +1,15 @@
 #!/bin/sh
 # CI setup for the storage lab: host packages, then build (or reuse) the cached guest image.
 # Run from anywhere; scripts/setup calls this (nasm: the hand-over VM guest is assembled on the host too;
-# umoci: lab/kube_images.py packs the lab cluster's container images as OCI archives).
+# umoci: lab/kube_images.py packs the lab cluster's container images as OCI archives; socat, openssl and
+# containerd: the lab cluster's apiserver forward, PKI and pre-unpacked node image store).
 set -eu
 cd "$(dirname "$0")/.."
 
 need=""
 for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mmdebstrap:mmdebstrap \
             ssh:openssh-client ssh-keygen:openssh-client mkfs.ext4:e2fsprogs nasm:nasm \
-            socat:socat openssl:openssl umoci:umoci; do
+            socat:socat openssl:openssl umoci:umoci containerd:containerd; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need="$need ${pair#*:}"
 done
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx switch_root || need="$need busybox-static"
