@@ -78,7 +78,11 @@ def test_hostile_but_legal_targets_are_published_and_unpublished(lab, berth, sta
         if kind == "iscsi-block":
             works = shell_test(lab, f"test -b {q} && dd if={q} of=/dev/null bs=4k count=1 iflag=direct status=none")
         else:
-            works = shell_test(lab, f"mountpoint -q -- {q} && echo probe > {q}/probe && grep -q probe {q}/probe")
+            # NFS exports squash root, so there the probe is written as a pod's user would (ext4's root is 0755).
+            user = "setpriv --reuid=1000 --regid=1000 --clear-groups " if kind == "nfs" else ""
+            probe = shlex.quote(f"{target}/probe-{HOSTILE_NAMES.index(name)}")
+            write = f'{user}sh -c \'echo probe > "$1" && grep -q probe "$1"\' - {probe}'
+            works = shell_test(lab, f"mountpoint -q -- {q} && {write}")
         if not works:
             failures.append(f"{target!r} published but not usable")
         stats = berth.call("node1", "Node.NodeGetVolumeStats", {"volume_id": volume["volume_id"],
