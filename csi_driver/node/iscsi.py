@@ -273,6 +273,11 @@ class IscsiVolumes:
         save(record)
         if record.access_type == MOUNT:
             self._mount_staging(record, device.path, undo)
+        elif record.readonly:
+            # The kernel ignores a read-only bind for device nodes (it checks files and directories only), so a
+            # volume staged read-only is made read-only at the block layer. multipathd's table reloads can clear
+            # this on a map; the storage host's write protection is what holds for good.
+            self.runner.run(["blockdev", "--setro", device.path], timeout=30)
 
     def _undo_attach(self, props: dict[str, Any], record: StageRecord, path: str) -> None:
         self._disconnect(self.connector_factory(record.multipath), props, path, force=True)

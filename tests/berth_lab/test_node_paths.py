@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from tests.berth_lab.conftest import MiB, block, mount, staging_path
+from tests.berth_lab.conftest import MiB, block, mount, staging_path, target_path
 
 pytestmark = pytest.mark.lab
 
@@ -125,15 +125,24 @@ def test_unpublish_leaves_what_berth_did_not_create(lab, berth, staged):
     assert shell_test(lab, f"test -d {shlex.quote(existing_dir)} && ! mountpoint -q -- {shlex.quote(existing_dir)}")
 
 
-def test_reader_only_publish_is_read_only(lab, berth, staged):
+def test_reader_only_raw_block_cannot_be_written(lab, berth, staged):
+    """A reader-only publish of a volume staged writable is bound read-only (the container's device permissions
+    are what stop writes there); a volume staged reader-only is read-only at the block layer, for every target."""
     volume, _ = staged["iscsi-block"]
     target = f"{PARENT}/reader"
+    assert published(berth, volume, target, block("MULTI_NODE_READER_ONLY")).ok
+    options = lab.run("node1", f"findmnt -no OPTIONS --mountpoint {shlex.quote(target)}").stdout
+    assert options.split(",")[0] == "ro", options
+    assert unpublished(berth, volume, target).ok
     reader = block("MULTI_NODE_READER_ONLY")
-    assert published(berth, volume, target, reader).ok
+    shared = berth.create("paths-reader", 64 * MiB, reader)
     try:
-        q = shlex.quote(target)
+        berth.attach(shared, "node1", reader)
+        q = shlex.quote(target_path(shared))
         write = lab.run("node1", f"dd if=/dev/zero of={q} bs=4k count=1 oflag=direct conv=notrunc status=none",
                         check=False)  # fmt: skip
-        assert write.rc != 0 and "Read-only" in write.stderr, write
+        assert write.rc != 0, "a reader-only volume took a write"
+        assert lab.run("node1", f"dd if={q} of=/dev/null bs=4k count=1 iflag=direct status=none").rc == 0
     finally:
-        assert unpublished(berth, volume, target).ok
+        assert not berth.detach(shared, "node1")
+        berth.delete(shared)

@@ -138,3 +138,19 @@ def test_failed_unmount_says_why(node, context, stderr, code, fragment):
     got, details = code_of(node.service.NodeUnpublishVolume, request, context)
     assert got == code and fragment in details
     assert node.system.table.is_mountpoint(target) and os.path.isdir(target)
+
+
+def test_a_raw_block_volume_staged_read_only_is_read_only_at_the_block_layer(node, context):
+    """A read-only bind does not stop writes through a device node; the device's own read-only flag does."""
+    reader = capability(block=True, mode=Mode.MULTI_NODE_READER_ONLY)
+    node.service.NodeStageVolume(stage_request(node, block=True, volume_capability=reader), context)
+    assert ["blockdev", "--setro", node.device] in node.system.calls
+    node.service.NodeStageVolume(stage_request(node, block=True, volume_capability=reader), context)
+    writer = capability(block=True, mode=Mode.MULTI_NODE_MULTI_WRITER)
+    node.service.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=VOL, staging_target_path=os.path.join(node.root, "staging")),
+        context,
+    )
+    calls = len(node.system.calls)
+    node.service.NodeStageVolume(stage_request(node, block=True, volume_capability=writer), context)
+    assert ["blockdev", "--setro", node.device] not in node.system.calls[calls:]
