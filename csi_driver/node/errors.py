@@ -57,6 +57,10 @@ class PathBusy(UnmountFailed):
     """umount refused because a process still uses the mount (open files, a working directory, a mount below)."""
 
 
+class PathUnusable(NodeError):
+    """A staging or target path cannot be created (a file in the way, no space, a read-only filesystem)."""
+
+
 class CleanupFailed(NodeError):
     """Undoing a failed operation, or removing what Berth created, failed; the stage record keeps what is left."""
 

@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 
-from .errors import CleanupFailed, InvalidPath, MountConflict
+from .errors import CleanupFailed, InvalidPath, MountConflict, PathUnusable
 
 log = logging.getLogger("berth.node.paths")
 
@@ -63,8 +63,8 @@ def refuse_symlinks(path: str, what: str) -> None:
         prefix += "/" + part
         try:
             mode = os.lstat(prefix).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            return  # nothing further down exists, so nothing further down can be a link
+        except OSError:
+            return  # nothing further down exists (or can be reached), so nothing further down can be a link
         if stat.S_ISLNK(mode):
             raise InvalidPath(
                 f"{what} {path!r} goes through the symbolic link {prefix!r} (to {os.readlink(prefix)!r}); "
@@ -82,20 +82,22 @@ def checked_path(path: str, what: str) -> str:
 def make_directory(path: str) -> bool:
     """mkdir `path` (its parents too, as the CO should have made them); True when this call created `path`
     itself, which is what makes it Berth's to remove. An existing directory is used as it is."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _make_parent(path)
     try:
         os.mkdir(path, 0o750)
     except FileExistsError:
         if not os.path.isdir(path):
             raise MountConflict(f"{path!r} exists and is not a directory") from None
         return False
+    except OSError as err:
+        raise PathUnusable(f"cannot create the directory {path!r}: {err.strerror}") from err
     return True
 
 
 def make_file(path: str) -> bool:
     """Create the empty file a raw block device is bound onto; True when this call created it. An existing
     regular file is used as it is; O_NOFOLLOW because a link put there after the check must not be followed."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _make_parent(path)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
@@ -105,8 +107,18 @@ def make_file(path: str) -> bool:
         if not stat.S_ISREG(mode):
             raise MountConflict(f"{path!r} exists and is not a regular file") from None
         return False
+    except OSError as err:
+        raise PathUnusable(f"cannot create the file {path!r}: {err.strerror}") from err
     os.close(fd)
     return True
+
+
+def _make_parent(path: str) -> None:
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:  # also FileExistsError: a file where a directory should be
+        raise PathUnusable(f"cannot create the directory {parent!r} for {path!r}: {err.strerror}") from err
 
 
 def remove_created(path: str) -> None:

@@ -211,3 +211,14 @@ def test_a_failed_bind_removes_the_target_it_created(node, context):
     assert not os.path.exists(target)
     record = RecordStore(os.path.join(node.root, "state")).load(VOL)
     assert record.created == [] and record.targets == {}
+
+
+def test_a_target_that_cannot_be_created_is_a_clear_error_not_a_crash(node, context):
+    """A file where the CO's parent directory should be: the OSError reaches the client as a sentence."""
+    node.service.NodeStageVolume(stage_request(node), context)
+    open(os.path.join(node.root, "mnt", "pod"), "w").close()
+    request = publish_request(node, target_path=os.path.join(node.root, "mnt", "pod", "mount"))
+    code, details = code_of(node.service.NodePublishVolume, request, context)
+    assert (
+        code == grpc.StatusCode.INTERNAL and "cannot create the directory" in details and "Not a directory" in details
+    )
