@@ -219,6 +219,4 @@ def test_a_target_that_cannot_be_created_is_a_clear_error_not_a_crash(node, cont
     open(os.path.join(node.root, "mnt", "pod"), "w").close()
     request = publish_request(node, target_path=os.path.join(node.root, "mnt", "pod", "mount"))
     code, details = code_of(node.service.NodePublishVolume, request, context)
-    assert (
-        code == grpc.StatusCode.INTERNAL and "cannot create the directory" in details and "Not a directory" in details
-    )
+    assert code == grpc.StatusCode.INTERNAL and "cannot create the directory" in details and "File exists" in details
