@@ -393,6 +393,7 @@ def node_files(cp: ControlPlane, node: str, index: int, node_ip: str) -> dict[st
         "etc/kubernetes/kubelet.kubeconfig": (pki.kubeconfig(cp.pki, node, server), 0o600),
         "etc/kubernetes/kube-proxy.kubeconfig": (pki.kubeconfig(cp.pki, "kube-proxy", server), 0o600),
         "etc/kubernetes/kubelet.yaml": (KUBELET_CONFIG, 0o644),
+        "etc/crictl.yaml": ("runtime-endpoint: unix:///run/containerd/containerd.sock\n", 0o644),
         "etc/cni/net.d/10-lab.conflist": (json.dumps(cni, indent=1), 0o644),
         "etc/systemd/system/kubelet.service": (UNIT.format(desc="kubelet", exec=kubelet), 0o644),
         "etc/systemd/system/kube-proxy.service": (UNIT.format(desc="kube-proxy", exec=proxy), 0o644),

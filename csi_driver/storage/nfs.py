@@ -130,7 +130,7 @@ class NfsExporter:
                 raise InvalidRequest(f"StorageClass parameter {EXPORT_OPTIONS_PARAMETER}: {err}") from err
 
     def prepare(self, lv: LvInfo, fresh: bool, max_bytes: int) -> None:
-        """fresh: mkfs if blank, mount, root dir 1777. Clone: new filesystem UUID, mount, filesystem grown to the LV
+        """fresh: mkfs if blank, mount, root dir 0777. Clone: new filesystem UUID, mount, filesystem grown to the LV
         (a clone larger than its source). Both: fstab line."""
         fields = {"vg": lv.vg, "filesystem": self.filesystem, "fresh": bool(fresh), "max_bytes": max_bytes}
         result = self._call("prepare", lv, fields, self.prepare_timeout)

@@ -37,9 +37,10 @@ FILESYSTEMS = ("xfs", "ext4")
 # root_squash: root on a node (any pod running as root) is nobody here, so it cannot plant setuid-root files or take
 # other users' files; a StorageClass asks for no_root_squash or all_squash,anonuid=... explicitly (docs/nfs.md).
 DEFAULT_OPTIONS = "rw,sync,no_subtree_check,root_squash"
-# A fresh volume's root: every uid may create its files (a squashed root, KubeVirt's qemu 107, a pod's uid), and the
-# sticky bit keeps each from removing or renaming the others' (the /tmp rule).
-VOLUME_ROOT_MODE = 0o1777
+# A fresh volume's root: every uid may create its files (a squashed root, KubeVirt's qemu 107, a pod's uid). No sticky
+# bit: with root_squash a root pod's new file comes back owned by nobody, and the client kernel's protected_regular
+# (on by default) then refuses that pod's own O_CREAT in a sticky world-writable directory (found in the lab cluster).
+VOLUME_ROOT_MODE = 0o777
 # nofail: a missing LV must not drop the whole storage host into emergency mode at boot.
 # x-systemd.before: nfs-server's `exportfs -r` runs after the volume is mounted (nofail alone drops that order).
 FSTAB_OPTIONS = "defaults,nofail,x-systemd.before=nfs-server.service"

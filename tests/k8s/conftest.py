@@ -53,15 +53,18 @@ def kube(kube_lab: Lab) -> Iterator[Kube]:
     global _kube
     k = Kube(kube_lab)
     _kube = k
-    k.kubectl("create", "namespace", NAMESPACE)
-    k.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=privileged")
     host_key = kube_lab.run("storage", "cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2]
-    known_hosts = f"198.18.0.1 {' '.join(host_key)}\n"
-    key = kube_lab.image / "id_ed25519"
-    k.kubectl("create", "secret", "generic", "berth-ssh", "-n", NAMESPACE, f"--from-file=id_ed25519={key}",
-              f"--from-literal=known_hosts={known_hosts}")  # fmt: skip
+    ssh_secret = {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "berth-ssh"},
+        "stringData": {"id_ed25519": (kube_lab.image / "id_ed25519").read_text(),
+                       "known_hosts": f"198.18.0.1 {' '.join(host_key)}\n"},
+    }  # fmt: skip
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {
+        "pod-security.kubernetes.io/enforce": "privileged"}}}  # fmt: skip
+    k.apply(namespace)
+    k.apply(ssh_secret, NAMESPACE)
     repo, tag = berth_image_ref(kube_lab)
-    helm(kube_lab, "install", RELEASE, str(CHART), "-n", NAMESPACE, "-f", str(VALUES),
+    helm(kube_lab, "upgrade", "--install", RELEASE, str(CHART), "-n", NAMESPACE, "-f", str(VALUES),
          "--set", f"image.repository={repo}", "--set", f"image.tag={tag}")  # fmt: skip
     nodes = set(kube_lab.node_names)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lab.topology import Lab
 
-CRICTL = "/opt/kube/bin/crictl --runtime-endpoint unix:///run/containerd/containerd.sock"
+CRICTL = "/opt/kube/bin/crictl"
 
 
 class WaitFailed(AssertionError):

@@ -87,7 +87,8 @@ def node_leftovers(lab: Lab, node: str) -> str:
     """iSCSI sessions, multipath maps and Berth mounts still on a node once no pod uses a Berth volume."""
     script = (
         "iscsiadm -m session 2>/dev/null; multipath -l 2>/dev/null; "
-        "grep -E 'berth|kubernetes.io~csi' /proc/self/mountinfo; true"
+        # kubelet's CSI staging (plugins/kubernetes.io/csi/...) and publish (pods/*/volumes/kubernetes.io~csi/...)
+        "grep -E 'kubernetes.io/csi/|kubernetes.io~csi/' /proc/self/mountinfo; true"
     )
     return lab.run(node, script).stdout.strip()
 
