@@ -60,6 +60,13 @@ def _mkfs(stage: Path, out: Path, label: str) -> None:
     os.replace(raw, out)
 
 
+def _prune_disks(kind: str, keep: Path, newest: int = 2) -> None:
+    """Drop all but the `newest` cached disks of one kind (each code change makes a new containerd disk)."""
+    disks = sorted(keep.parent.glob(f"{kind}-*.raw"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [d for d in disks if d != keep][newest - 1 :]:
+        old.unlink(missing_ok=True)
+
+
 def programs_disk(bin_dir: Path) -> Path:
     """bin/{kubelet,kube-proxy,crictl} on a raw ext4 disk, cached per build of the programs."""
     out = config.CACHE / "kube-disk" / f"programs-{bin_dir.parent.name}.raw"
@@ -70,6 +77,7 @@ def programs_disk(bin_dir: Path) -> Path:
             for prog in ("kubelet", "kube-proxy", "crictl"):
                 shutil.copy(bin_dir / prog, Path(tmp) / "bin" / prog)
             _mkfs(Path(tmp), out, "berth-kube")
+        _prune_disks("programs", out)
     return out
 
 
@@ -119,6 +127,7 @@ def containerd_disk(images_dir: Path) -> Path:
             daemon.terminate()
             daemon.wait(timeout=30)
         _mkfs(root, out, "containerd")
+    _prune_disks("containerd", out)
     return out
 
 
