@@ -4,6 +4,8 @@ import os
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from csi_driver.csi import csi_pb2
 from csi_driver.node.commands import Result
@@ -220,3 +222,27 @@ def test_a_target_that_cannot_be_created_is_a_clear_error_not_a_crash(node, cont
     request = publish_request(node, target_path=os.path.join(node.root, "mnt", "pod", "mount"))
     code, details = code_of(node.service.NodePublishVolume, request, context)
     assert code == grpc.StatusCode.INTERNAL and "cannot create the directory" in details and "File exists" in details
+
+
+# --- properties over arbitrary text ---
+
+ANY_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=60)
+
+
+@given(st.lists(st.sampled_from(["", ".", "..", "a", "b c", "\r", "\\", "-o"]) | ANY_TEXT))
+def test_canonical_path_is_refusal_or_a_fixed_point_without_dot_dot(parts):
+    path = "/".join(parts)
+    try:
+        canonical = canonical_path(path, "p")
+    except InvalidPath:
+        return
+    assert canonical.startswith("/") and "//" not in canonical and canonical_path(canonical, "p") == canonical
+    assert ".." not in canonical.split("/") and "." not in canonical.split("/") and "\0" not in canonical
+
+
+@given(ANY_TEXT.filter(lambda name: name and "/" not in name and "\0" not in name))
+def test_every_mount_point_name_survives_the_mount_table(tmp_path_factory, name):
+    mount_point = "/mnt/" + name
+    info = tmp_path_factory.mktemp("mi") / "mountinfo"
+    info.write_bytes(f"301 22 0:5 /sdb {kernel_escaped(mount_point)} rw - devtmpfs udev rw\n".encode())
+    assert [e.mount_point for e in MountTable(str(info)).entries()] == [mount_point]
