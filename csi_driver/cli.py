@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="berth",
         description="Berth CSI driver: iSCSI block and NFS file volumes from Linux storage hosts.",
+        epilog="berth orphans --help: report (and remove) leftovers that no CSI object owns (docs/orphans.md).",
     )
     parser.add_argument("--version", action="version", version=f"berth {__version__}")
     parser.add_argument(
@@ -147,6 +148,11 @@ def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["orphans"]:  # a command of its own: none of the server's options apply to it
+        from csi_driver.orphans import main as orphans_main
+
+        return orphans_main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     if args.workers < 1:

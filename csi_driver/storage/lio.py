@@ -103,6 +103,31 @@ class ExportInfo:
         }
 
 
+@dataclass(frozen=True)
+class Backstore:
+    """A block backstore: its name (Berth names it after the LV), device, and how many LUNs use it."""
+
+    name: str
+    device: str
+    luns: int
+
+
+def _exports(res: dict[str, Any]) -> list[ExportInfo]:
+    return [
+        ExportInfo(
+            volume=e["volume"],
+            target_iqn=e["target"],
+            lun=lio_host.LUN_INDEX,
+            serial=e.get("serial"),
+            device=e.get("device"),
+            portals=tuple(e.get("portals", [])),
+            initiators=tuple(InitiatorInfo.from_json(i) for i in e.get("initiators", [])),
+            enabled=bool(e.get("enabled")),
+        )
+        for e in res.get("exports", [])
+    ]
+
+
 class LioTargets:
     """One iSCSI target per volume on one storage host."""
 
@@ -208,19 +233,15 @@ class LioTargets:
     def list_exports(self) -> list[ExportInfo]:
         """Every Berth target under iqn_prefix, in one host call."""
         (res,) = self.run_ops([{"op": "list_exports", "iqn_prefix": self.iqn_prefix}])
-        return [
-            ExportInfo(
-                volume=e["volume"],
-                target_iqn=e["target"],
-                lun=lio_host.LUN_INDEX,
-                serial=e.get("serial"),
-                device=e.get("device"),
-                portals=tuple(e.get("portals", [])),
-                initiators=tuple(InitiatorInfo.from_json(i) for i in e.get("initiators", [])),
-                enabled=bool(e.get("enabled")),
-            )
-            for e in res.get("exports", [])
-        ]
+        return _exports(res)
+
+    def inventory(self, iqn_prefixes: Iterable[str]) -> tuple[list[ExportInfo], list[Backstore]]:
+        """The targets under each prefix and every block backstore, in one host call (read-only)."""
+        ops: list[dict[str, Any]] = [{"op": "list_exports", "iqn_prefix": p} for p in sorted(set(iqn_prefixes))]
+        *listed, backstores = self.run_ops([*ops, {"op": "list_backstores"}])
+        exports = [export for res in listed for export in _exports(res)]
+        found = backstores.get("backstores", [])
+        return exports, [Backstore(b["name"], b.get("device") or "", int(b.get("luns", 0))) for b in found]
 
     def save(self) -> None:
         """Persist the live LIO config (Debian: /etc/rtslib-fb-target/saveconfig.json)."""

@@ -215,6 +215,8 @@ def validate_op(op: Any) -> dict[str, Any]:
         if not isinstance(prefix, str) or not _IQN_RE.fullmatch(prefix.rstrip(":")):
             raise RequestError(f"invalid iqn_prefix {prefix!r}")
         fields["iqn_prefix"] = prefix.rstrip(":")
+    elif name == "list_backstores":
+        pass
     elif name == "save":
         fields["path"] = _check_save_path(op.get("path"))
     else:
@@ -496,6 +498,17 @@ def op_list_exports(op: dict[str, Any]) -> dict[str, Any]:
     return {"exports": sorted(exports, key=lambda e: e["target"])}
 
 
+def op_list_backstores(op: dict[str, Any]) -> dict[str, Any]:
+    """Every block backstore with its device and how many LUNs use it (read-only): the orphan audit looks for
+    backstores whose LV is gone."""
+    backstores = [
+        {"name": so.name, "device": so.udev_path, "luns": sum(1 for _ in so.attached_luns)}
+        for so in rtslib.RTSRoot().storage_objects
+        if so.plugin == "block"
+    ]
+    return {"backstores": sorted(backstores, key=lambda b: b["name"])}
+
+
 def op_save(op: dict[str, Any]) -> dict[str, Any]:
     return _save(op.get("path"))
 
@@ -580,6 +593,7 @@ OPS = {
     "remove_initiator": op_remove_initiator,
     "list_initiators": op_list_initiators,
     "list_exports": op_list_exports,
+    "list_backstores": op_list_backstores,
     "save": op_save,
 }
 

@@ -186,6 +186,15 @@ class PoolCapacity:
     metadata_percent: float
 
 
+def host_lvs(runner: CommandRunner) -> list[LvInfo]:
+    """Every LV of every volume group on the host, in one lvs call (what the orphan audit compares exports with)."""
+    try:
+        out = runner.run(["lvs", *REPORT_ARGS, "-o", LV_FIELDS], timeout=LVM_TIMEOUT).text
+    except CommandFailed as e:
+        raise classify_lvm_error(e) from e
+    return [LvInfo.from_row(r) for r in parse_report(out, "lv")]
+
+
 def round_up(size_bytes: int, extent_bytes: int) -> int:
     if size_bytes <= 0:
         raise InvalidRequest(f"size must be positive, got {size_bytes}")

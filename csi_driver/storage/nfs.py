@@ -214,8 +214,16 @@ class NfsExporter:
 
     # --- transport ---
 
+    def inventory(self) -> dict[str, tuple[str, ...]]:
+        """What the export root holds per volume name (directory, mount, fstab, exports_file, clients), read-only."""
+        result = self._request("inventory", {})
+        return {entry["lv"]: tuple(entry["parts"]) for entry in result.get("volumes", [])}
+
     def _call(self, op: str, lv: LvInfo, fields: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        request = {"v": nfs_host.PROTOCOL, "op": op, "lv": lv.name, "export_root": self.export_root, **fields}
+        return self._request(op, {"lv": lv.name, **fields}, timeout)
+
+    def _request(self, op: str, fields: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        request = {"v": nfs_host.PROTOCOL, "op": op, "export_root": self.export_root, **fields}
         # Fail fast on the controller for bad input; the host validates again (it trusts nobody).
         _check(nfs_host.validate_request, request)
         argv = [self.python, "-c", host_program()]

@@ -8,7 +8,7 @@ here so that one SSH round trip does one whole operation, under host-side flocks
 Layout (see docs/nfs.md): LV /dev/<vg>/<lv>, filesystem mounted at <export_root>/<lv>, one fstab line per
 volume, one exports file /etc/exports.d/berth-<lv>.exports per volume.
 
-Request:  {"v": 1, "op": "prepare|publish|unpublish|teardown|grow|freeze|thaw", ...fields}
+Request:  {"v": 1, "op": "prepare|publish|unpublish|teardown|grow|freeze|thaw|inventory", ...fields}
 Response: {"ok": true, "result": {...}}
           {"ok": false, "error": {"kind": "invalid|not_found|conflict|in_use|busy|out_of_range|failed|timeout|internal",
                                   "message": "...", ["argv": [...], "rc": n, "stderr": "..."]}}
@@ -223,6 +223,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "grow": ("vg", "lv", "export_root", "max_bytes"),
     "freeze": ("vg", "lv", "export_root", "token", "thaw_after"),
     "thaw": ("lv", "export_root", "token"),
+    "inventory": ("export_root",),
 }
 
 
@@ -408,6 +409,14 @@ def live_clients(etab_text: str, path: str) -> set[str]:
         if len(parts) >= 2 and _unescape_octal(parts[0]) == path:
             out.add(_normalise_client(parts[1].partition("(")[0]))
     return out
+
+
+def exported_path(exports_text: str) -> str | None:
+    """The path an exports file written by render_exports exports (its one line that is not a comment)."""
+    for line in exports_text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return _unescape_octal(line.split()[0])
+    return None
 
 
 def exports_path(exports_dir: str, lv: str) -> str:
@@ -844,6 +853,41 @@ def op_thaw(host: Host, req: dict[str, Any]) -> dict[str, Any]:
     return {"thawed": thawed}
 
 
+def op_inventory(host: Host, req: dict[str, Any]) -> dict[str, Any]:
+    """What the export root holds per volume name, read-only and without locks (a snapshot for the orphan audit,
+    which compares it with the LVs that exist): a directory (or a clone's replay directory), a mount, an fstab line,
+    an exports file, clients in the kernel's export table."""
+    root = req["export_root"]
+    found: dict[str, set[str]] = {}
+
+    def note(path: str, part: str) -> None:
+        name = os.path.basename(path).removeprefix(".replay-")
+        if os.path.dirname(path) == root and _NAME_RE.fullmatch(name):
+            found.setdefault(name, set()).add(part)
+
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(root):
+            if entry.is_dir(follow_symlinks=False):
+                note(entry.path, "directory")
+    for mount in host.mounts():
+        note(mount.mountpoint, "mount")
+    for line in _read(host.fstab).splitlines():
+        mountpoint = _fstab_mountpoint(line)
+        if mountpoint:
+            note(mountpoint, "fstab")
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(host.exports_dir)):
+            if name.startswith(EXPORTS_PREFIX) and name.endswith(EXPORTS_SUFFIX):
+                path = exported_path(_read(os.path.join(host.exports_dir, name)))
+                if path and os.path.basename(path) == name[len(EXPORTS_PREFIX) : -len(EXPORTS_SUFFIX)]:
+                    note(path, "exports_file")
+    for line in _read(host.etab).splitlines():
+        parts = line.split()
+        if parts:
+            note(_unescape_octal(parts[0]), "clients")
+    return {"volumes": [{"lv": lv, "parts": sorted(parts)} for lv, parts in sorted(found.items())]}
+
+
 OPS: dict[str, Callable[[Host, dict[str, Any]], dict[str, Any]]] = {
     "prepare": op_prepare,
     "publish": op_publish,
@@ -852,6 +896,7 @@ OPS: dict[str, Callable[[Host, dict[str, Any]], dict[str, Any]]] = {
     "grow": op_grow,
     "freeze": op_freeze,
     "thaw": op_thaw,
+    "inventory": op_inventory,
 }
 
 

@@ -240,6 +240,10 @@ class BlockStorageObject(_Node):
 
 
 class RTSRoot:
+    @property
+    def storage_objects(self):
+        return [BlockStorageObject(name) for name in sorted(STATE["storage"])]
+
     def dump(self):
         STATE["dumps"].append("everything")
         return {
