@@ -272,7 +272,9 @@ class NodeVolumes:
 def _check_same_staging(existing: StageRecord, wanted: StageRecord) -> None:
     if os.path.normpath(existing.staging_path) != os.path.normpath(wanted.staging_path):
         raise MountConflict(f"volume {existing.volume_id} is already staged at {existing.staging_path}")
-    for field in ("protocol", "access_type", "fs_type", "readonly"):
+    for field in ("protocol", "access_type", "fs_type", "readonly", "wwn", "nfs_source"):
+        if field in ("wwn", "nfs_source") and not getattr(wanted, field):
+            continue  # what the LUN or export is: compared when the request names it
         if getattr(existing, field) != getattr(wanted, field):
             raise MountConflict(
                 f"volume {existing.volume_id} is already staged with {field}={getattr(existing, field)!r}, "

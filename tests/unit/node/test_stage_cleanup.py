@@ -209,3 +209,12 @@ def test_the_real_sweeper_takes_os_brick_connect_lock(tmp_path):
     portal_lock.touch()
     brick_lock_sweeper(str(tmp_path))()
     assert not portal_lock.exists() and (tmp_path / "os-brick-connect_volume").exists()
+
+
+def test_a_record_of_another_lun_under_the_same_volume_id_is_never_taken_for_this_one(node, context):
+    """The volume was deleted and made again under the same ID while the node kept its old staging: the old
+    record and mount name another WWN, so they are not "already staged" (that answered OK over a dead LUN)."""
+    node.service.NodeStageVolume(stage_request(node), context)
+    other = stage_request(node, volume_context={"protocol": "iscsi", "wwn": "6001405" + "1" * 25})
+    code, details = code_of(node.service.NodeStageVolume, other, context)
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "wwn=" in details
