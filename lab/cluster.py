@@ -8,8 +8,9 @@ connection to socat on the host, which connects to the apiserver's loopback port
 through the `kubernetes` Service (10.96.0.1:443) that kube-proxy translates to that address. Nothing is patched:
 RBAC, the node authorizer, NodeRestriction and Pod Security admission are on as in a production cluster.
 
-The programs and images come from lab.kube_build and lab.kube_images (machine-wide caches). The node guests get
-them on a read-only disk (/dev/vdb, mounted at /opt/kube), so nothing large crosses ssh.
+The programs and images come from lab.kube_build and lab.kube_images (machine-wide caches). The node guests get the
+programs on a read-only disk (mounted at /opt/kube) and containerd's state, every image already unpacked, on a
+copy-on-write overlay (mounted at /var/lib/containerd), so nothing large crosses ssh and nothing is imported there.
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
     from lab.topology import Lab
 
 POD_CIDR = "10.244.0.0/16"
-
-
-def log(msg: str) -> None:
-    print(f"[lab k8s] {msg}", flush=True)
 
 
 class ClusterError(RuntimeError):
