@@ -154,7 +154,10 @@ def test_raw_block_rwx_iscsi_handover(lab, berth):
 
 def test_nfs_disk_image_handover(lab, berth):
     cap = rwx_file()
-    volume = berth.create("handover-nfs", 320 * MiB, cap, backend="lab-nfs")
+    # The export options docs/nfs.md gives KubeVirt classes: every client uid, root included, acts as qemu's 107.
+    # (With the default root_squash, root's chown to 107 below is refused.)
+    options = "sync,no_subtree_check,all_squash,anonuid=107,anongid=107"
+    volume = berth.create("handover-nfs", 320 * MiB, cap, backend="lab-nfs", nfsExportOptions=options)
 
     def make_disk_image(source: Attached) -> None:
         # KubeVirt's Filesystem layout: the VM disk is disk.img at the volume root, owned by qemu (uid 107).
