@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lab.topology import Lab
+from tests.lab.helpers import wait_for
 
 CRICTL = "/opt/kube/bin/crictl"
 
@@ -38,14 +38,10 @@ class Kube:
 
     def wait_for(self, what: str, probe: Callable[[], object], timeout: float, interval: float = 2) -> object:
         """Poll probe() until it returns something truthy; fail after `timeout` s with the cluster's evidence."""
-        t0 = time.monotonic()
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() - t0 > timeout:
-                raise WaitFailed(f"{what}: not done after {timeout:.0f} s\n{self.evidence()}")
-            time.sleep(interval)
+        try:
+            return wait_for(probe, timeout, interval, what)
+        except AssertionError as timed_out:
+            raise WaitFailed(f"{timed_out}\n{self.evidence()}") from None
 
     def pod_phase(self, name: str, namespace: str = "default") -> str:
         pod = self.get("pod", name, namespace)
