@@ -226,7 +226,7 @@ def export_batch(st: Storage, lvs: Sequence[LvInfo]) -> None:
     op as LioTargets.export, only several per process so growing to 200 targets takes seconds, not minutes.
     """
     for part in chunks(lvs, FILL_BATCH):
-        ops = [st.targets._export_op(lv.name, lv.device_path, st.exporter.portals) for lv in part]
+        ops = [st.targets._export_op(lv.name, lv.device_path, st.exporter.portals, unmap=True) for lv in part]
         st.targets.run_ops(ops, save=True)
 
 

@@ -55,9 +55,9 @@ def build_backends(config: Config) -> dict[str, LvmBackend]:
     for name, backend in config.backends.items():
         runner = runners.setdefault(backend.host, build_runner(backend.host))
         pool = ThinPool(runner, backend.lvm.volume_group, backend.lvm.thin_pool)
-        backends[name] = LvmBackend(
-            name, pool, build_exporter(backend, runner), backend.lvm.over_provisioning_ratio
-        )
+        lvm = backend.lvm
+        exporter = build_exporter(backend, runner)
+        backends[name] = LvmBackend(name, pool, exporter, lvm.over_provisioning_ratio, lvm.full_threshold_percent)
     return backends
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from csi_driver import __version__
 from csi_driver.config import Config, ConfigError, load_config
@@ -21,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="berth",
         description="Berth CSI driver: iSCSI block and NFS file volumes from Linux storage hosts.",
-        epilog="berth orphans --help: report (and remove) leftovers that no CSI object owns (docs/orphans.md).",
+        epilog="berth orphans --help: report (and remove) leftovers that no CSI object owns (docs/orphans.md). "
+        "berth host-command: the storage host's forced command for restricted SSH access (docs/storage-host.md). "
+        "berth adopt --help: bring an existing LV under Berth's management (docs/adoption.md).",
     )
     parser.add_argument("--version", action="version", version=f"berth {__version__}")
     parser.add_argument(
@@ -52,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=16,
-        help="gRPC worker threads for Controller calls, and as many for Node calls; Identity has its own "
-        "(default: %(default)s)",
+        help="gRPC worker threads for Controller calls, and as many for Node calls and for SnapshotMetadata "
+        "streams; Identity has its own (default: %(default)s)",
     )
     parser.add_argument(
         "--socket-mode",
@@ -123,13 +127,26 @@ def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
     node = args.mode in ("node", "all")
     checks = []
     registrations = []
+    snapshot_metadata = False
     if controller:
         from csi_driver.services.controller import ControllerService
+        from csi_driver.services.group_controller import GroupControllerService
+        from csi_driver.services.snapshot_metadata import SnapshotMetadataService
+        from csi_driver.storage.thin_metadata import BLOCK_PROTOCOLS
 
         backends = build_backends(config)
         controller_service = ControllerService(backends, config.default_backend, config.node.max_volumes_per_node)
         registrations.append(lambda server: csi_pb2_grpc.add_ControllerServicer_to_server(controller_service, server))
+        group_service = GroupControllerService(controller_service)
+        registrations.append(lambda server: csi_pb2_grpc.add_GroupControllerServicer_to_server(group_service, server))
         checks.append(backend_readiness_check(backends))
+        # Changed-block tracking means something for block volumes only: offered when a backend serves them.
+        snapshot_metadata = any(backend.protocol in BLOCK_PROTOCOLS for backend in backends.values())
+        if snapshot_metadata:
+            metadata_service = SnapshotMetadataService(backends)
+            registrations.append(
+                lambda server: csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(metadata_service, server)
+            )
     if node:
         from csi_driver.node.identity import default_node_id
         from csi_driver.services.node import make_node_service
@@ -140,7 +157,7 @@ def build_server(args: argparse.Namespace, config: Config) -> CsiServer:
         )
         registrations.append(lambda server: csi_pb2_grpc.add_NodeServicer_to_server(node_service, server))
         checks.append(node_readiness_check(config.node.protocols, config.node.state_dir))
-    identity = IdentityService(driver_name, controller=controller, checks=checks)
+    identity = IdentityService(driver_name, controller=controller, checks=checks, snapshot_metadata=snapshot_metadata)
     registrations.append(lambda server: csi_pb2_grpc.add_IdentityServicer_to_server(identity, server))
     options = ServerOptions(workers=args.workers, socket_mode=args.socket_mode, grace_seconds=args.grace_period)
     companions = build_companions(args, driver_name, identity.not_ready_reason)
@@ -153,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         from csi_driver.orphans import main as orphans_main
 
         return orphans_main(argv[1:])
+    if argv[:1] == ["adopt"]:  # static provisioning of an existing LV
+        from csi_driver.adopt import main as adopt_main
+
+        return adopt_main(argv[1:])
+    if argv[:1] == ["host-command"]:  # the storage host's forced command for restricted SSH access
+        from csi_driver.storage.host_access import berth_host_script
+
+        if argv[1:]:
+            return _fail("usage: berth host-command > /usr/local/sbin/berth-host (docs/storage-host.md)")
+        sys.stdout.write(berth_host_script())
+        return 0
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     if args.workers < 1:
@@ -171,9 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         extra={"version": __version__, "mode": args.mode, "driver": driver_name, "node_id": node_id},
     )
     try:
-        return server.serve_until_signalled()
+        code = server.serve_until_signalled()
     except (EndpointError, RuntimeError, OSError) as err:
         return _fail(f"cannot serve on {args.endpoint}: {err}")
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leave once the server stopped gracefully. Berth's state is durable by design (LV tags, atomic stage records),
+    and a library's leftover thread must not hold the interpreter's exit: in the lab one did, after a module's worth
+    of calls, until systemd's SIGKILL 90 s later; a restarted pod would wait out its grace period the same way."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _fail(message: str) -> int:

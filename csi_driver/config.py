@@ -51,6 +51,9 @@ class LvmConfig:
     # Thin pools can promise more than they hold: the volumes' sizes may add up to the pool's size times this
     # ratio (GetCapacity reports free space times it), and no single volume may be larger than that either.
     over_provisioning_ratio: float = 1.0
+    # New volumes and snapshots are refused once the pool's data or metadata use reaches this percentage, so that
+    # the pool never fills (a full thin pool fails every write to an unwritten block of every volume in it).
+    full_threshold_percent: float = 95.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def load_config(path: str | Path | None) -> Config:
     if data is None:
         data = {}
     try:
-        config = _build(Config, data, "")
+        config: Config = _build(Config, data, "")
         _check_consistency(config)
     except ConfigError as err:
         raise ConfigError(f"config file {path}: {err}") from None
@@ -121,7 +124,7 @@ def load_config(path: str | Path | None) -> Config:
 
 def parse_config(data: Any) -> Config:
     """Validate an already-parsed mapping (tests, embedded configs)."""
-    config = _build(Config, data, "")
+    config: Config = _build(Config, data, "")
     _check_consistency(config)
     return config
 
@@ -138,6 +141,11 @@ def _check_consistency(config: Config) -> None:
             raise ConfigError(
                 f"key 'backends.{name}.lvm.over_provisioning_ratio': expected a number above 0 and at most "
                 f"{MAX_OVER_PROVISIONING_RATIO:g}, got {ratio:g}"
+            )
+        if not 0 < backend.lvm.full_threshold_percent <= 100:
+            raise ConfigError(
+                f"key 'backends.{name}.lvm.full_threshold_percent': expected a percentage above 0 and at most 100, "
+                f"got {backend.lvm.full_threshold_percent:g}"
             )
         if not 1 <= backend.host.ssh_connect_timeout_seconds <= 120:
             raise ConfigError(f"key 'backends.{name}.host.ssh_connect_timeout_seconds': expected 1 to 120 seconds")

@@ -23,6 +23,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -182,14 +183,28 @@ def _proc_state(pid: int) -> str:
         return "zombie"
 
 
+EGRESS_SELECTOR = """apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+    proxyProtocol: HTTPConnect
+    transport:
+      uds:
+        udsName: {socket}
+"""
+
+
 class ControlPlane:
     """etcd, kube-apiserver, kube-controller-manager and kube-scheduler on 127.0.0.1, state in `d`."""
 
-    def __init__(self, d: Path, bin_dir: Path, api_port: int, etcd_ports: tuple[int, int]):
+    def __init__(self, d: Path, bin_dir: Path, api_port: int, etcd_ports: tuple[int, int],
+                 kubelet_routes: dict[str, int]):  # fmt: skip
         self.d = d
         self.bin = bin_dir
         self.api_port = api_port
         self.etcd_ports = etcd_ports
+        self.kubelet_routes = kubelet_routes  # "node address:10250" -> the loopback port forwarded to it
         self.pki = d / "pki"
 
     @property
@@ -201,6 +216,8 @@ class ControlPlane:
         local = f"https://127.0.0.1:{self.api_port}"
         for user in ("admin", "kube-controller-manager", "kube-scheduler"):
             (self.d / f"{user}.kubeconfig").write_text(pki.kubeconfig(self.pki, user, local))
+        (self.d / "kubelet-routes.json").write_text(json.dumps(self.kubelet_routes))
+        (self.d / "egress-selector.yaml").write_text(EGRESS_SELECTOR.format(socket=self.d / "kubelet-proxy.sock"))
 
     def processes(self) -> list[HostProcess]:
         p, b, d = self.pki, self.bin, self.d
@@ -208,6 +225,10 @@ class ControlPlane:
         etcd = f"http://127.0.0.1:{client}"
         kcm_cfg, sched_cfg = d / "kube-controller-manager.kubeconfig", d / "kube-scheduler.kubeconfig"
         return [
+            HostProcess("kubelet-proxy", [
+                sys.executable, str(Path(__file__).with_name("kubelet_proxy.py")), str(d / "kubelet-proxy.sock"),
+                str(d / "kubelet-routes.json"),
+            ], d / "kubelet-proxy.log"),
             HostProcess("etcd", [
                 str(b / "etcd"), "--name", "lab", "--data-dir", str(d / "etcd"),
                 "--listen-client-urls", etcd, "--advertise-client-urls", etcd,
@@ -232,6 +253,8 @@ class ControlPlane:
                 "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true", "--profiling=false",
                 # The advertised address is what the `kubernetes` Service points at: the guests' guestfwd.
                 "--endpoint-reconciler-type=lease", "--v=1",
+                # Connections to the kubelets (logs, exec) go through lab/kubelet_proxy.py.
+                f"--egress-selector-config-file={d / 'egress-selector.yaml'}",
             ], d / "kube-apiserver.log"),
             HostProcess("kube-controller-manager", [
                 str(b / "kube-controller-manager"), f"--kubeconfig={kcm_cfg}",
@@ -347,7 +370,11 @@ set -eu
 NODE=$1
 mkdir -p /opt/kube /var/lib/containerd
 mountpoint -q /opt/kube || mount -o ro LABEL=berth-kube /opt/kube
-mountpoint -q /var/lib/containerd || mount LABEL=containerd /var/lib/containerd
+# After a reboot containerd has started on the empty directory already: stop it, so that it opens the disk's store.
+if ! mountpoint -q /var/lib/containerd; then
+  systemctl stop containerd
+  mount LABEL=containerd /var/lib/containerd
+fi
 modprobe -a overlay br_netfilter veth bridge nf_conntrack
 sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 net.bridge.bridge-nf-call-ip6tables=1
 # A default route on the control NIC: locally generated traffic to Service IPs needs one before kube-proxy's
@@ -428,10 +455,12 @@ class Cluster:
     @property
     def control_plane(self) -> ControlPlane:
         st = self.state
-        return ControlPlane(self.dir, Path(st["bin_dir"]), st["api_port"], tuple(st["etcd_ports"]))
+        return ControlPlane(self.dir, Path(st["bin_dir"]), st["api_port"], tuple(st["etcd_ports"]),
+                            st.get("kubelet_routes", {}))  # fmt: skip
 
-    def prepare(self, nodes: list[str], owner_bound: bool) -> tuple[int, list[Path]]:
-        """Build or reuse programs, images and node disks; start the control plane. -> (api port, node disks)."""
+    def prepare(self, nodes: dict[str, str], owner_bound: bool) -> tuple[int, list[Path], dict[str, int]]:
+        """Build or reuse programs, images and node disks; start the control plane. `nodes`: name -> address.
+        -> (api port, node disks, name -> the loopback port its guest must forward to its kubelet's 10250)."""
         from lab import kube_images  # the image recipe needs the repository's build tools, only here
 
         t0 = time.monotonic()
@@ -439,15 +468,19 @@ class Cluster:
         images = kube_images.ensure_images()
         disks = [programs_disk(bin_dir), containerd_disk(images)]
         self.state["timings"] = {"artifacts": round(time.monotonic() - t0, 1)}
-        api_port, client, peer = free_ports(3)
-        self.state.update(bin_dir=str(bin_dir), images=str(images), api_port=api_port, etcd_ports=[client, peer])
+        api_port, client, peer, *kubelet_ports = free_ports(3 + len(nodes))
+        kubelet_port = dict(zip(nodes, kubelet_ports, strict=True))
+        # The apiserver dials a node by name or by address, whichever it prefers (--kubelet-preferred-address-types).
+        routes = {f"{host}:10250": kubelet_port[name] for name, address in nodes.items() for host in (name, address)}
+        self.state.update(bin_dir=str(bin_dir), images=str(images), api_port=api_port, etcd_ports=[client, peer],
+                          kubelet_routes=routes)  # fmt: skip
         self.dir.mkdir(parents=True, exist_ok=True)
         cp = self.control_plane
-        cp.prepare(nodes)
+        cp.prepare(list(nodes))
         t1 = time.monotonic()
         self.state["pids"] = cp.start(owner_bound)
         self.state["timings"]["control_plane"] = round(time.monotonic() - t1, 1)
-        return api_port, disks
+        return api_port, disks, kubelet_port
 
     def join(self, lab: Lab, timeout: float = 420) -> None:
         """Configure and start containerd, kubelet and kube-proxy on every node; wait until all are Ready."""

@@ -13,8 +13,9 @@ FILES_DIR = LAB_DIR / "files"
 # Image cache, machine-wide so every clone (CI runs a fresh one) reuses the image its inputs hash to;
 # BERTH_LAB_CACHE moves it, e.g. to a CI cache volume.
 CACHE = Path(os.environ.get("BERTH_LAB_CACHE", "/var/cache/berth-lab")).resolve()
-# Run state of the CLI lab (git-ignored): state.json, overlays, console logs, monitor sockets.
-RUN_DIR = Path(os.environ.get("BERTH_LAB_RUN", LAB_DIR / "run")).resolve()
+# Run state of the CLI lab (git-ignored): state.json, overlays, console logs, monitor sockets. A directory of its
+# own beside pytest's lab/run/pytest-<pid>: `down` removes it whole, and CI runs sanity/run's lab next to pytest's.
+RUN_DIR = Path(os.environ.get("BERTH_LAB_RUN", LAB_DIR / "run" / "cli")).resolve()
 
 SUITE = "bookworm"
 CSI_SANITY_VERSION = "v5.5.0"

@@ -37,6 +37,7 @@ class GuestSpec:
     # Lab Kubernetes nodes: the apiserver's port on the host, reached at 10.0.2.100:<same port> (a guestfwd),
     # and cached raw disks: the node's programs (read-only) and containerd's state (a copy-on-write overlay).
     api_port: int = 0
+    kubelet_port: int = 0  # the loopback port forwarded to the node's kubelet (lab/kubelet_proxy.py)
     kube_disks: list[str] = field(default_factory=list)
 
     @classmethod
@@ -98,7 +99,7 @@ class Guest:
             config.qemu_binary() or "qemu-system-x86_64", "-name", f"berth-lab-{s.name}",
             # KVM does not work on the lab hosts; tb-size caps TCG's code cache (~600 MiB RSS per guest).
             "-accel", "tcg,tb-size=256", "-cpu", "qemu64", "-smp", str(s.smp), "-m", str(s.mem_mb),
-            "-nodefaults", "-display", "none", "-vga", "none", "-no-reboot",
+            "-nodefaults", "-display", "none", "-vga", "none",
             "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"), "-append", append,
             "-drive", f"file={self.dir / 'root.qcow2'},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
         ]  # fmt: skip
@@ -112,6 +113,8 @@ class Guest:
         ctl = f"user,id=ctl,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22"
         if s.api_port:
             ctl += f",guestfwd=tcp:{pki.GUEST_API_ADDRESS}:{s.api_port}-cmd:socat - TCP:127.0.0.1:{s.api_port}"
+        if s.kubelet_port:
+            ctl += f",hostfwd=tcp:127.0.0.1:{s.kubelet_port}-:10250"
         argv += [
             "-netdev",
             ctl,

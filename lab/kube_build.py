@@ -1,4 +1,4 @@
-"""Build and cache the lab cluster's Go programs: Kubernetes, etcd, the CSI sidecars, crictl and helm.
+"""Build and cache the lab cluster's Go programs: Kubernetes and its e2e suite, etcd, the CSI sidecars, crictl, helm.
 
 Everything comes from the Go module proxy through the wrapper modules in lab/k8s/ (each pins one release; see
 their go.mod for why a wrapper is needed). The binaries are cached machine-wide under
@@ -33,7 +33,9 @@ SIDECARS = {
     "csi-resizer": ("github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer", "v2.2.0"),
 }
 KUBE_PROGRAMS = ["kubelet", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl"]
-PROGRAMS = [*KUBE_PROGRAMS, "etcd", *SIDECARS, "crictl", "helm"]
+# Kubernetes' own e2e suite (a test binary) and agnhost, the program of the suite's main pod image (e2e/).
+E2E_PROGRAMS = {"e2e.test": "k8s.io/kubernetes/test/e2e", "agnhost": "k8s.io/kubernetes/test/images/agnhost"}
+PROGRAMS = [*KUBE_PROGRAMS, *E2E_PROGRAMS, "etcd", *SIDECARS, "crictl", "helm"]
 BUILD_ENV = {"CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-buildvcs=false"}
 
 
@@ -79,11 +81,13 @@ def _go(args: list[str], cwd: Path, out: Path) -> None:
 def build(out: Path, only: list[str] | None = None) -> None:
     """Build the programs (all, or `only`) into `out`. kubelet first: the others reuse most of its build cache."""
     want = set(only or PROGRAMS)
-    for prog in KUBE_PROGRAMS:
+    kube = {prog: ["build", f"k8s.io/kubernetes/cmd/{prog}"] for prog in KUBE_PROGRAMS}
+    for prog, pkg in E2E_PROGRAMS.items():
+        kube[prog] = ["test", "-c", pkg] if prog.endswith(".test") else ["build", pkg]
+    for prog, (*verb, pkg) in kube.items():
         if prog in want:
             log(f"{prog} {KUBERNETES_VERSION}")
-            pkg = f"k8s.io/kubernetes/cmd/{prog}"
-            argv = ["build", "-trimpath", "-ldflags", _kube_ldflags(), "-o", str(out / prog), pkg]
+            argv = [*verb, "-trimpath", "-ldflags", _kube_ldflags(), "-o", str(out / prog), pkg]
             _go(argv, K8S_DIR / "kubernetes", out)
     if "etcd" in want:
         log(f"etcd {ETCD_VERSION}")

@@ -6,7 +6,10 @@
   dependency venv) is cached by deploy/image and Berth's requirements, so a code change only rebuilds the thin
   top layer with Berth itself.
 - **The CSI sidecars**: one static binary from lab.kube_build each, as the entrypoint.
-- **busybox-static** from the host: containerd's pause image and the smoke tests' workload image.
+- **busybox-static** from the host: containerd's pause image and the smoke tests' workload image; with
+  agnhost (lab.kube_build) added, the e2e suite's main test image.
+- **The VM launcher**: Debian's qemu-system-x86 (no recommends) on the essential package set, for the
+  KubeVirt-shaped migration test (tests/k8s/test_migration.py); never part of Berth's image.
 
 Each archive names its images in index.json (`org.opencontainers.image.ref.name` is the full reference), so
 `ctr -n k8s.io images import FILE` tags them; images.json lists the same references for an importer that tags
@@ -47,8 +50,17 @@ BERTH_REPO = "registry.example.com/berth/berth"  # what deploy/ names (docs/depl
 SIDECAR_REPO = "registry.k8s.io/sig-storage"
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # containerd's sandbox_image in Debian's containerd 1.6 (`containerd config default`), the current pause
-# release, and the workload image of the smoke tests.
-BUSYBOX_REFS = ("registry.k8s.io/pause:3.6", "registry.k8s.io/pause:3.10", "docker.io/library/busybox:1.36")
+# release, the workload image of the smoke tests, and the e2e suite's pause and busybox (the names and tags of
+# test/utils/image/manifest.go in the pinned Kubernetes release: the suite's pods find them already present).
+# The storage suite also starts jessie-dnsutils (multiVolume) and nginx (volumes' exec test) pods, but only to run
+# shell commands in them: busybox stands in for both.
+E2E_REPO = "registry.k8s.io/e2e-test-images"
+E2E_SHELL_IMAGES = ("busybox:1.37.0-1", "jessie-dnsutils:1.7", "nginx:1.14-4")
+BUSYBOX_REFS = ("registry.k8s.io/pause:3.6", "registry.k8s.io/pause:3.10", "docker.io/library/busybox:1.36",
+                "registry.k8s.io/pause:3.10.1", *(f"{E2E_REPO}/{name}" for name in E2E_SHELL_IMAGES))  # fmt: skip
+AGNHOST_REF = f"{E2E_REPO}/agnhost:2.59"
+LAUNCHER_REF = "registry.example.com/berth/lab-launcher:qemu"
+LAUNCHER_PACKAGES = ("qemu-system-x86",)
 KEEP_SETS, KEEP_BASES = 3, 2  # older sets and bases are pruned after a build
 
 
@@ -115,7 +127,9 @@ def image_specs(repo: Path = config.REPO) -> list[ImageSpec]:
         for name, (_, version) in kube_build.SIDECARS.items()
     ]
     busybox = ImageSpec("busybox", BUSYBOX_REFS, _hash(BUSYBOX.read_bytes(), *BUSYBOX_REFS, _module_digest()))
-    return [berth_spec(repo), *sidecars, busybox]
+    agnhost = ImageSpec("agnhost", (AGNHOST_REF,), _hash(binaries, BUSYBOX.read_bytes(), _module_digest()))
+    launcher = ImageSpec("launcher", (LAUNCHER_REF,), _hash(config.SUITE, *LAUNCHER_PACKAGES, _module_digest()))
+    return [berth_spec(repo), *sidecars, busybox, agnhost, launcher]
 
 
 def set_key(specs: list[ImageSpec]) -> str:
@@ -161,7 +175,9 @@ def _ensure_set(specs: list[ImageSpec], force: bool = False) -> Path:
 
 
 def _build_archive(spec: ImageSpec, archive: Path) -> None:
-    builders: dict[str, Callable[[ImageSpec, Path], None]] = {"berth": _build_berth, "busybox": _build_busybox}
+    builders: dict[str, Callable[[ImageSpec, Path], None]] = {
+        "berth": _build_berth, "busybox": _build_busybox, "agnhost": _build_agnhost, "launcher": _build_launcher,
+    }  # fmt: skip
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(dir=ROOT, prefix=".build-"))
     try:
@@ -370,10 +386,10 @@ def _sidecar_image(spec: ImageSpec, tmp: Path, binary: Path) -> None:
     _static_image(tmp, layer, spec, [f"--config.entrypoint=/{spec.name}"])
 
 
-def _build_busybox(spec: ImageSpec, tmp: Path) -> None:
+def _busybox_layer(layer: Path, extra: tuple[str, Path] | None = None) -> None:
+    """busybox-static with every applet linked, a root user, and optionally one more program at the root."""
     applets = subprocess.run([str(BUSYBOX), "--list-full"], check=True, capture_output=True, text=True).stdout
     links = sorted(a for a in applets.split() if "/" in a and a != "bin/busybox")
-    layer = tmp / "layer.tar"
     with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
         for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root"):
             _add(tar, d, tarfile.DIRTYPE, 0o755)
@@ -383,9 +399,39 @@ def _build_busybox(spec: ImageSpec, tmp: Path) -> None:
             _add(tar, link, tarfile.SYMTYPE, 0o777, target="/bin/busybox")
         _add(tar, "etc/passwd", tarfile.REGTYPE, 0o644, data=b"root:x:0:0:root:/root:/bin/sh\n")
         _add(tar, "etc/group", tarfile.REGTYPE, 0o644, data=b"root:x:0:\n")
+        if extra:
+            _add(tar, extra[0], tarfile.REGTYPE, 0o755, extra[1])
+
+
+BUSYBOX_PATH = "--config.env=PATH=/bin:/sbin:/usr/bin:/usr/sbin"
+
+
+def _build_busybox(spec: ImageSpec, tmp: Path) -> None:
+    _busybox_layer(tmp / "layer.tar")
     # Sleeping forever is all a pause container does: containerd kills the sandbox with SIGKILL.
     sleep = ["--config.cmd=/bin/sleep", "--config.cmd=2147483647"]
-    _static_image(tmp, layer, spec, ["--config.env=PATH=/bin:/sbin:/usr/bin:/usr/sbin", *sleep])
+    _static_image(tmp, tmp / "layer.tar", spec, [BUSYBOX_PATH, *sleep])
+
+
+def _build_agnhost(spec: ImageSpec, tmp: Path) -> None:
+    """Like the upstream image where the suite relies on it: /agnhost as the entrypoint, `pause` by default, and
+    a shell with nsenter, mount and the usual tools (the suite runs node commands through them)."""
+    _busybox_layer(tmp / "layer.tar", ("agnhost", kube_build.ensure_binaries() / "agnhost"))
+    opts = [BUSYBOX_PATH, "--config.entrypoint=/agnhost", "--config.cmd=pause"]
+    _static_image(tmp, tmp / "layer.tar", spec, opts)
+
+
+def _build_launcher(spec: ImageSpec, tmp: Path) -> None:
+    """One layer: mmdebstrap writes the root as a tar (device nodes, empty /proc and /sys) that is the layer."""
+    debs = config.CACHE / "debs"  # shared with the lab image
+    debs.mkdir(parents=True, exist_ok=True)
+    layer = tmp / "layer.tar"
+    run(["mmdebstrap", "--mode=root", "--variant=essential", "--include=" + ",".join(LAUNCHER_PACKAGES),
+         f"--dpkgopt={config.REPO / IMAGE_DIR / 'dpkg-slim.cfg'}",
+         # Merged /usr without the usrmerge package, which would pull in perl (as for Berth's base).
+         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
+         *deb_cache_args(debs), config.SUITE, str(layer), *mirrors()])  # fmt: skip
+    _static_image(tmp, layer, spec, ["--config.env=PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
 
 
 def _add(

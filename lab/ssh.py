@@ -42,7 +42,7 @@ class SSH:
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
             # Every run is a fresh clone with the image's host key: nothing to verify against.
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-            "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+            "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
             # One master connection per guest: a command then costs ~70 ms instead of a handshake under TCG.
             "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/ssh-{self.name}.sock",
             "-o", "ControlPersist=120",

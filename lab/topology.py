@@ -18,7 +18,9 @@ import shutil
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from lab import config, image
@@ -133,10 +135,12 @@ class Lab:
             )
         if self.cluster:
             # Control plane first (a few seconds natively): the kubelets find it as soon as they start.
-            api_port, disks = self.cluster.prepare(names[1:], self.owner_bound)
+            addresses = {s.name: f"{config.SUBNETS[0]}.{s.octet}" for s in specs[1:]}
+            api_port, disks, kubelet_ports = self.cluster.prepare(addresses, self.owner_bound)
             self.save()
             for spec in specs[1:]:
                 spec.api_port, spec.kube_disks, spec.mem_mb = api_port, [str(d) for d in disks], 1536
+                spec.kubelet_port = kubelet_ports[spec.name]
         link = ports[1 + n :]
         specs[0].link_ports = [link[k * n : (k + 1) * n] for k in range(2)]
         for i in range(1, n + 1):
@@ -175,6 +179,30 @@ class Lab:
             self.down(keep_disks=self.keep)
             raise
         return self.timings
+
+    def reboot(self, name: str) -> float:
+        """Power-cycle guest `name` with a hardware reset (qemu's `system_reset`): what its kernel held in memory is
+        lost, its disks keep what reached them. qemu keeps running, so the data links stay: the storage guest's
+        qemu holds the hubs every node is connected to, and a node's connection would not come back. Then what
+        `up` does for it: its role set-up and, on a cluster node, the join (mounts, containerd, kubelet).
+        Returns the seconds until it is back."""
+        t0 = time.monotonic()
+        boot_id = self.run(name, "cat /proc/sys/kernel/random/boot_id").stdout
+        self.ssh(name).close()  # its master connection dies with the guest's sshd
+        out = self.guests[name].monitor("system_reset")
+        if out:
+            raise LabError(f"{name}: system_reset: {out}")
+        while True:
+            self._wait_guest(name)
+            if self.run(name, "cat /proc/sys/kernel/random/boot_id", check=False).stdout not in ("", boot_id):
+                break
+            if time.monotonic() - t0 > 300:
+                raise LabError(f"{name} did not boot again within 300 s of its reset")
+            time.sleep(1)
+        self.run(name, "systemctl start berth-lab-role.service", timeout=120)
+        if self.cluster and name in self.node_names:
+            self.run(name, f"/usr/local/sbin/berth-kube-join {name}", timeout=300)
+        return time.monotonic() - t0
 
     def _wait_guest(self, name: str) -> float:
         g = self.guests[name]
@@ -286,6 +314,26 @@ class Lab:
                 "rss_mib": rss_mib(g.spec.pid) if g.alive() else 0,
             }
         return out
+
+
+@contextmanager
+def running_lab(nodes: int = 2, kubernetes: bool = False) -> Iterator[Lab]:
+    """The lab started by `python -m lab up` (synced to this tree), or one started for the block and stopped after
+    it. The runners (sanity/run, e2e/run) use it."""
+    try:
+        lab = Lab.attach()
+    except LabError:
+        lab = Lab(nodes=nodes, kubernetes=kubernetes)
+        lab.up()
+        try:
+            yield lab
+        finally:
+            lab.down()
+        return
+    if kubernetes and not lab.cluster:
+        raise LabError("the running lab has no cluster: `python -m lab down`, then `python -m lab up --kubernetes`")
+    lab.sync()
+    yield lab
 
 
 def rss_mib(pid: int) -> int:

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from csi_driver.faults import fault_point
+
 from .commands import Runner
 from .errors import (
     AttachFailed,
@@ -60,6 +62,14 @@ ISCSI_ERR_LOGIN_AUTH_FAILED = 24  # iscsiadm's exit status (open-iscsi include/i
 # How long a stage or publish waits for multipathd to assemble the map after the paths are there.
 MULTIPATH_MAP_WAIT = 15.0
 MULTIPATH_POLL_INTERVAL = 0.25
+# os-brick rescans only when every path reads (a `dd` of each); right after a stage under load, udev may not have
+# made a path's by-path link yet. A rescan is harmless to repeat, so an expand tries again for this long.
+EXPAND_RETRY_WINDOW = 30.0
+EXPAND_RETRY_INTERVAL = 1.0
+# A map is "in use" for a moment after its last user left (udev still probing it after multipathd's last reload);
+# os-brick's own flush then retries after 20 and 40 s. Berth flushes first, retrying this often for this long.
+MAP_FLUSH_WINDOW = 15.0
+MAP_FLUSH_INTERVAL = 1.0
 # os-brick takes one file lock per portal and target (`connect_to_iscsi_portal-<portal>-<iqn>`), and Berth
 # exports one target per volume, so these files pile up; see sweep_portal_locks.
 PORTAL_LOCK_PATTERN = "os-brick-connect_to_iscsi_portal-*"
@@ -68,13 +78,17 @@ PORTAL_LOCK_PATTERN = "os-brick-connect_to_iscsi_portal-*"
 class Connector(Protocol):
     """The part of os_brick's ISCSIConnector we use (a fake in unit tests)."""
 
-    def connect_volume(self, connection_properties: dict) -> dict | None: ...
+    def connect_volume(self, connection_properties: dict[str, Any]) -> dict[str, Any] | None: ...
 
     def disconnect_volume(
-        self, connection_properties: dict, device_info: dict, force: bool = False, ignore_errors: bool = False
+        self,
+        connection_properties: dict[str, Any],
+        device_info: dict[str, Any],
+        force: bool = False,
+        ignore_errors: bool = False,
     ) -> None: ...
 
-    def extend_volume(self, connection_properties: dict) -> int | None: ...
+    def extend_volume(self, connection_properties: dict[str, Any]) -> int | None: ...
 
 
 ConnectorFactory = Callable[[bool], Connector]
@@ -104,7 +118,10 @@ def brick_connector_factory(lock_dir: str) -> ConnectorFactory:
         from os_brick.initiator.connectors.iscsi import ISCSIConnector
 
         # root_helper=None: privileged calls run in-process (client mode off), no sudo, no privsep daemon.
-        return ISCSIConnector(root_helper=None, use_multipath=multipath, device_scan_attempts=DEVICE_SCAN_ATTEMPTS)
+        connector: Connector = ISCSIConnector(
+            root_helper=None, use_multipath=multipath, device_scan_attempts=DEVICE_SCAN_ATTEMPTS
+        )
+        return connector
 
     return make
 
@@ -178,6 +195,15 @@ def targets_from_publish_context(publish_context: Mapping[str, str]) -> list[Tar
     return [Target(p if _has_port(p) else f"{p}:{DEFAULT_PORT}", iqn, lun) for p in portals]
 
 
+def _read(path: str) -> str:
+    """A sysfs attribute, "" when it is gone."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _has_port(portal: str) -> bool:
     if portal.startswith("["):
         return "]:" in portal
@@ -223,6 +249,7 @@ class IscsiVolumes:
         connector_factory: ConnectorFactory,
         by_id_dir: str = "/dev/disk/by-id",
         sys_block_dir: str = "/sys/block",
+        dev_dir: str = "/dev",
         sweep_locks: LockSweeper | None = None,
         multipath_wait: float = MULTIPATH_MAP_WAIT,
     ) -> None:
@@ -232,6 +259,7 @@ class IscsiVolumes:
         self.connector_factory = connector_factory
         self.by_id_dir = by_id_dir
         self.sys_block_dir = sys_block_dir
+        self.dev_dir = dev_dir
         self.sweep_locks = sweep_locks or (lambda: None)
         self.multipath_wait = multipath_wait
 
@@ -271,6 +299,7 @@ class IscsiVolumes:
         record.device_path = device.path
         record.wwn = device.wwn
         save(record)
+        fault_point("node-stage.attached")
         if record.access_type == MOUNT:
             self._mount_staging(record, device.path, undo)
         elif record.readonly:
@@ -302,6 +331,7 @@ class IscsiVolumes:
             log.info("formatted", extra={"device": device, "fs_type": record.fs_type, "volume": record.volume_id})
         self.fs.mount(device, record.staging_path, record.fs_type, record.mount_flags, record.readonly)
         undo.push(f"unmount {record.staging_path!r}", lambda: self.mounter.unmount(record.staging_path))
+        fault_point("node-stage.mounted")
         if not record.readonly:
             self.fs.grow_to_device(record.fs_type, device, record.staging_path)
 
@@ -332,7 +362,11 @@ class IscsiVolumes:
             self._explain_login_failure(props, secrets)
             raise AttachFailed(f"iSCSI attach to {_describe(props)} returned no device")
         self._set_manual_startup(props)
-        found = normalize_wwn(info.get("scsi_wwn", "")) or self._sysfs_wwn(path)
+        found = normalize_wwn(info.get("scsi_wwn", ""))
+        if found != expected_wwn:
+            # os-brick's scsi_id answered with the LUN's T10 vendor designator ("1lio-org_iblock:...") under load in
+            # the lab, where the kernel's VPD 0x83 reading (sysfs wwid) had the NAA WWN: a mismatch needs both.
+            found = self._sysfs_wwn(path) or found
         if expected_wwn and found != expected_wwn:
             log.error("WWN mismatch, detaching", extra={"expected": expected_wwn, "found": found, "path": path})
             self._disconnect(connector, props, path, force=True)
@@ -413,11 +447,7 @@ class IscsiVolumes:
         slaves = os.path.join(self.sys_block_dir, name, "slaves")
         if os.path.isdir(slaves) and os.listdir(slaves):
             name = sorted(os.listdir(slaves))[0]
-        try:
-            with open(os.path.join(self.sys_block_dir, name, "device", "wwid")) as f:
-                return normalize_wwn(f.read())
-        except OSError:
-            return ""
+        return normalize_wwn(_read(os.path.join(self.sys_block_dir, name, "device", "wwid")))
 
     def unstage(self, record: StageRecord) -> None:
         device = self.current_device(record)
@@ -429,6 +459,7 @@ class IscsiVolumes:
         if record.access_type == MOUNT:
             # The staging dir itself belongs to the CO (it created it), so it stays.
             self.mounter.unmount_all(record.staging_path)
+            fault_point("node-unstage.unmounted")
         self.detach(record, device)
 
     def _users_besides_staging(self, record: StageRecord, device: str) -> list[str]:
@@ -443,10 +474,35 @@ class IscsiVolumes:
                 self.fs.flush(device)
             except NodeError as err:
                 log.warning("flush failed", extra={"device": device, "error": str(err)})
-        # force when the device vanished: os-brick then removes what is left (maps, sessions without
-        # devices) and still raises at the end if something failed, so the record stays for a retry.
-        self._disconnect(connector, props, device or record.device_path, force=device is None)
+        # force when the device vanished, or when its multipath map is gone already (a detach that failed half-way:
+        # the map was flushed, only path devices are left, with nothing to flush, and a non-forced retry fails on
+        # them forever): os-brick then removes what is left (maps, sessions without devices) and still raises at
+        # the end if something failed, so the record stays for a retry.
+        map_device = self.usable_device(record, wait=0) if record.multipath else None
+        if map_device is not None:
+            self._flush_map(map_device)
+        map_gone = record.multipath and self.usable_device(record, wait=0) is None
+        self._disconnect(connector, props, device or record.device_path, force=device is None or map_gone)
         self.sweep_locks()
+
+    def _flush_map(self, map_device: str) -> None:
+        """Remove the volume's multipath map (`multipath -f`), waiting out udev's probes of it; os-brick then removes
+        the paths and logs out. A map still busy after MAP_FLUSH_WINDOW is left to os-brick's flush and its retries."""
+        dm_name = os.path.join(self.sys_block_dir, os.path.basename(map_device), "dm", "name")
+        name = _read(dm_name)
+        if not name:
+            return  # gone already
+        deadline = time.monotonic() + MAP_FLUSH_WINDOW
+        while True:
+            self.runner.run(["udevadm", "settle", "--timeout=10"], timeout=15, check=False)
+            flushed = self.runner.run(["multipath", "-f", name], timeout=60, check=False)
+            # multipath can exit 1 when multipathd removed the map for it, so the map's absence is what counts.
+            if flushed.rc == 0 or _read(dm_name) != name:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("multipath map still in use", extra={"map": name, "error": flushed.stderr.strip()})
+                return
+            time.sleep(MAP_FLUSH_INTERVAL)
 
     def _disconnect(self, connector: Connector, props: dict[str, Any], path: str, force: bool) -> None:
         try:
@@ -478,14 +534,30 @@ class IscsiVolumes:
         return self._wait_for_map(record.wwn, wait)
 
     def _wait_for_map(self, wwn: str, wait: float) -> str | None:
-        link = os.path.join(self.by_id_dir, f"dm-uuid-mpath-3{wwn}")
+        uuid = f"mpath-3{wwn}"
+        link = os.path.join(self.by_id_dir, f"dm-uuid-{uuid}")
         deadline = time.monotonic() + wait
         while True:
             if os.path.exists(link):
                 return os.path.realpath(link)
+            if (device := self._map_in_sysfs(uuid)) is not None:
+                return device
             if time.monotonic() >= deadline:
                 return None
             time.sleep(MULTIPATH_POLL_INTERVAL)
+
+    def _map_in_sysfs(self, uuid: str) -> str | None:
+        """The map's device as the kernel lists it, before udev made its by-id link (a loaded node's udev took more
+        than 15 s for that in the lab, and a stage gave up on a map that was there)."""
+        try:
+            names = [n for n in os.listdir(self.sys_block_dir) if n.startswith("dm-")]
+        except OSError:
+            return None
+        for name in names:
+            device = os.path.join(self.dev_dir, name)
+            if _read(os.path.join(self.sys_block_dir, name, "dm", "uuid")) == uuid and os.path.exists(device):
+                return device
+        return None
 
     def block_device(self, record: StageRecord) -> str | None:
         device = self.usable_device(record, wait=self.multipath_wait)
@@ -505,11 +577,17 @@ class IscsiVolumes:
 
     def expand(self, record: StageRecord) -> int:
         connector = self.connector_factory(record.multipath)
-        try:
-            # Rescans every path, then resizes the multipath map (multipathd resize map).
-            connector.extend_volume(dict(record.connection_properties))
-        except Exception as err:
-            raise AttachFailed(f"rescan of volume {record.volume_id} failed: {err}") from err
+        deadline = time.monotonic() + EXPAND_RETRY_WINDOW
+        while True:
+            try:
+                # Rescans every path, then resizes the multipath map (multipathd resize map).
+                connector.extend_volume(dict(record.connection_properties))
+                break
+            except Exception as err:
+                if time.monotonic() >= deadline:
+                    raise AttachFailed(f"rescan of volume {record.volume_id} failed: {err}") from err
+                log.info("rescan failed, trying again", extra={"volume_id": record.volume_id, "error": str(err)})
+                time.sleep(EXPAND_RETRY_INTERVAL)
         device = self.block_device(record)
         assert device is not None
         if record.access_type == MOUNT:

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from csi_driver.faults import fault_point
+
 from .errors import InvalidVolume, MountConflict
 from .filesystems import Usage, usage
 from .mounts import Mounter
@@ -120,6 +122,7 @@ class NfsVolumes:
             record.nfs_source, record.staging_path, "nfs", mount_options(record.mount_flags, record.readonly)
         )
         undo.push(f"unmount {record.staging_path!r}", lambda: self.mounter.unmount(record.staging_path))
+        fault_point("node-stage.mounted")
 
     def is_staged(self, record: StageRecord) -> bool:
         current = self.mounter.table.at(record.staging_path)

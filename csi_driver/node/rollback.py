@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from types import TracebackType
+from typing import Literal
 
 from .errors import TRANSIENT_ERRORS, CleanupFailed
 
@@ -35,7 +36,9 @@ class Rollback:
     def __enter__(self) -> Rollback:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         if error is None or not isinstance(error, Exception) or isinstance(error, TRANSIENT_ERRORS):
             return False
         while self._steps:

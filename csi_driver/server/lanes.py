@@ -21,15 +21,24 @@ QUICK_WORKERS = 4
 QUICK_METHODS = frozenset(
     {
         "/csi.v1.Controller/ControllerGetCapabilities",
+        "/csi.v1.GroupController/GroupControllerGetCapabilities",
         "/csi.v1.Node/NodeGetCapabilities",
         "/csi.v1.Node/NodeGetInfo",
     }
 )
-SERVICE_LANES = {"/csi.v1.Controller/": "controller", "/csi.v1.Node/": "node"}
+# SnapshotMetadata streams as fast as its caller reads (a backup application, through the sidecar): a lane of its
+# own, so slow readers never take the Controller lane's threads.
+SERVICE_LANES = {
+    "/csi.v1.Controller/": "controller",
+    "/csi.v1.GroupController/": "controller",  # controller work: it shares the Controller lane
+    "/csi.v1.Node/": "node",
+    "/csi.v1.SnapshotMetadata/": "snapshot_metadata",
+}
 
 
 class Lanes:
-    """The quick lane (QUICK_WORKERS threads) and one lane of `workers` threads each for Controller and Node."""
+    """The quick lane (QUICK_WORKERS threads) and one lane of `workers` threads each for Controller, Node and
+    SnapshotMetadata."""
 
     def __init__(self, workers: int) -> None:
         self.quick = futures.ThreadPoolExecutor(max_workers=QUICK_WORKERS, thread_name_prefix="rpc-quick")
@@ -63,16 +72,27 @@ class _LaneInterceptor(grpc.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # CSI has no streaming calls
-        return grpc.unary_unary_rpc_method_handler(
-            _in_pool(handler.unary_unary, self.lanes.lane_for(details.method)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        if handler is None:
+            return handler
+        pool = self.lanes.lane_for(details.method)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _in_pool(handler.unary_unary, pool),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:  # SnapshotMetadata's calls
+            return grpc.unary_stream_rpc_method_handler(
+                _in_pool(handler.unary_stream, pool),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # CSI has no client-streaming calls
 
 
-def _in_pool(behavior: Callable[[Any, grpc.ServicerContext], Any], pool: futures.ThreadPoolExecutor) -> Callable:
+def _in_pool(
+    behavior: Callable[[Any, grpc.ServicerContext], Any], pool: futures.ThreadPoolExecutor
+) -> Callable[[Any, grpc.ServicerContext], Any]:
     def run(request: Any, context: grpc.ServicerContext) -> Any:
         return behavior(request, context)
 

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 # The request ID of the RPC this thread is serving; "-" outside any RPC.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -57,7 +58,7 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(log_format: str = "text", level: str = "info", stream=None) -> None:
+def configure_logging(log_format: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_RequestIdFilter())

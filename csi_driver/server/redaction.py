@@ -19,7 +19,8 @@ REDACTED = "***stripped***"
 
 @cache
 def _is_secret(field: FieldDescriptor) -> bool:
-    return bool(field.GetOptions().Extensions[csi_pb2.csi_secret])
+    # protoc's .pyi declares the extension a plain FieldDescriptor, not the _ExtensionFieldDescriptor the stubs want.
+    return bool(field.GetOptions().Extensions[csi_pb2.csi_secret])  # type: ignore[index]
 
 
 def redact(message: Message) -> dict[str, Any]:

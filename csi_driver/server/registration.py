@@ -32,7 +32,9 @@ class RegistrationService(pluginregistration_pb2_grpc.RegistrationServicer):
         self.driver_name = driver_name
         self.csi_endpoint = csi_endpoint
 
-    def GetInfo(self, request, context):
+    def GetInfo(
+        self, request: pluginregistration_pb2.InfoRequest, context: grpc.ServicerContext
+    ) -> pluginregistration_pb2.PluginInfo:
         return pluginregistration_pb2.PluginInfo(
             type=PLUGIN_TYPE,
             name=self.driver_name,
@@ -40,7 +42,9 @@ class RegistrationService(pluginregistration_pb2_grpc.RegistrationServicer):
             supported_versions=SUPPORTED_VERSIONS,
         )
 
-    def NotifyRegistrationStatus(self, request, context):
+    def NotifyRegistrationStatus(
+        self, request: pluginregistration_pb2.RegistrationStatus, context: grpc.ServicerContext
+    ) -> pluginregistration_pb2.RegistrationStatusResponse:
         if request.plugin_registered:
             log.info("registered with kubelet", extra={"driver": self.driver_name, "endpoint": self.csi_endpoint})
         else:

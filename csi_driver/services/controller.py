@@ -13,9 +13,19 @@ from csi_driver import ids
 from csi_driver.csi import csi_pb2, csi_pb2_grpc
 from csi_driver.services.capabilities import MULTI_NODE_MODES, READ_ONLY_MODES, describe, problem_with
 from csi_driver.services.errors import OperationLocks, RpcError, invalid, rpc
-from csi_driver.services.validation import check_maps, check_name
-from csi_driver.storage.backend import PROTOCOL_PARAMETERS, ContentSource, LvmBackend, NodeRef, Snapshot, Volume
+from csi_driver.services.validation import check_maps, check_mutable_parameters, check_name
+from csi_driver.storage.backend import (
+    PROTOCOL_PARAMETERS,
+    ContentSource,
+    LvmBackend,
+    NodeRef,
+    Snapshot,
+    Volume,
+    by_pool,
+    publications_of,
+)
 from csi_driver.storage.errors import HostUnreachable, NotFound
+from csi_driver.storage.lvm import PoolView
 
 log = logging.getLogger("berth.controller")
 
@@ -41,6 +51,7 @@ CAPABILITIES = [
     _Rpc.GET_VOLUME,
     _Rpc.VOLUME_CONDITION,
     _Rpc.SINGLE_NODE_MULTI_WRITER,
+    _Rpc.MODIFY_VOLUME,
 ]
 
 T = TypeVar("T")
@@ -76,14 +87,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return ", ".join(sorted(self.backends)) or "(none)"
 
     def _locate(self, object_id: str, what: str = "volume") -> tuple[LvmBackend, str]:
-        """Backend and LV of a volume/snapshot ID; an ID Berth could not have made is simply not found."""
-        try:
-            backend, lv = ids.split_volume_id(object_id)
-        except ids.InvalidId as err:
-            raise NotFound(f"{what} {object_id!r} not found: {err}") from None
-        if backend not in self.backends:
-            raise NotFound(f"{what} {object_id!r} not found: no configured backend is called {backend!r}")
-        return self.backends[backend], lv
+        return locate(self.backends, object_id, what)
 
     def _volume_message(self, backend: LvmBackend, volume: Volume) -> csi_pb2.Volume:
         message = csi_pb2.Volume(
@@ -108,12 +112,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             size_bytes=snapshot.size_bytes,
             creation_time=created,
             ready_to_use=True,
+            group_snapshot_id=ids.join_volume_id(backend.name, snapshot.group) if snapshot.group else "",
         )
 
     # --- capabilities ---
 
     @rpc
-    def ControllerGetCapabilities(self, request, context):
+    def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         return csi_pb2.ControllerGetCapabilitiesResponse(
             capabilities=[csi_pb2.ControllerServiceCapability(rpc=_Rpc(type=cap)) for cap in CAPABILITIES]
         )
@@ -121,7 +128,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     # --- volumes ---
 
     @rpc
-    def CreateVolume(self, request, context):
+    def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateVolumeResponse:
         check_name("CreateVolume name", request.name)
         check_maps(request)
         if not request.volume_capabilities:
@@ -134,11 +143,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise invalid(
                 f"parameter fsType={fs_type!r}: {problem_with(_mount_capability(fs_type), backend.protocol)}"
             )
+        check_mutable_parameters(request.mutable_parameters, backend.mutable_parameters, backend.name)
         required, limit = _capacity_range(request.capacity_range)
         source = self._content_source(backend, request)
         with self.locks.hold(f"name:{request.name}"):
             volume = backend.create_volume(
-                request.name, required, limit, request.parameters, source, default_bytes=DEFAULT_SIZE
+                request.name,
+                required,
+                limit,
+                request.parameters,
+                source,
+                default_bytes=DEFAULT_SIZE,
+                mutable=request.mutable_parameters,
             )
         return csi_pb2.CreateVolumeResponse(volume=self._volume_message(backend, volume))
 
@@ -163,7 +179,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return ContentSource(kind, lv)  # type: ignore[arg-type]
 
     @rpc
-    def DeleteVolume(self, request, context):
+    def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteVolumeResponse:
         if not request.volume_id:
             raise invalid("DeleteVolume needs a volume_id")
         check_maps(request)
@@ -177,7 +195,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.DeleteVolumeResponse()
 
     @rpc
-    def ControllerPublishVolume(self, request, context):
+    def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
         if not request.volume_id:
             raise invalid("ControllerPublishVolume needs a volume_id")
         if not request.node_id:
@@ -191,23 +211,26 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         mode = request.volume_capability.access_mode.mode
         readonly = request.readonly or mode in READ_ONLY_MODES
         with self.locks.hold(request.volume_id):
-            volume = backend.get_volume(lv)
+            view = backend.view()  # one lvs serves the volume, its readiness and this pool's publication count
+            volume = backend.get_volume(lv, view)
             if node.node_id not in volume.published:
-                self._check_attach_limit(node.node_id)
-            publish_context = backend.publish(lv, node, readonly, mode in MULTI_NODE_MODES, request.secrets)
+                self._check_attach_limit(node.node_id, backend, view)
+            publish_context = backend.publish(lv, node, readonly, mode in MULTI_NODE_MODES, request.secrets, view)
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context)
 
-    def _check_attach_limit(self, node_id: str) -> None:
+    def _check_attach_limit(self, node_id: str, read: LvmBackend, view: PoolView) -> None:
+        """`view`: the pool of backend `read` as just read; the other pools are read here."""
         if not self.max_volumes_per_node:
             return
         attached = 0
-        for backend in self.backends.values():
+        for group in by_pool(self.backends.values()):  # backends sharing a thin pool: one lvs for all of them
             try:
-                attached += backend.publications_of(node_id)
+                attached += publications_of(group, node_id, view if read in group else None)
             except HostUnreachable as err:
                 # One dead storage host must not stop publishing on the others; kubelet still keeps the node to
                 # the max_volumes_per_node of NodeGetInfo.
-                log.warning("cannot count publications", extra={"backend": backend.name, "error": str(err)})
+                names = ",".join(backend.name for backend in group)
+                log.warning("cannot count publications", extra={"backend": names, "error": str(err)})
         if attached >= self.max_volumes_per_node:
             raise RpcError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -215,7 +238,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             )
 
     @rpc
-    def ControllerUnpublishVolume(self, request, context):
+    def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
         if not request.volume_id:
             raise invalid("ControllerUnpublishVolume needs a volume_id")
         check_maps(request)
@@ -236,7 +261,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return []
 
     @rpc
-    def ValidateVolumeCapabilities(self, request, context):
+    def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         if not request.volume_id:
             raise invalid("ValidateVolumeCapabilities needs a volume_id")
         if not request.volume_capabilities:
@@ -255,13 +282,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
     @rpc
-    def ListVolumes(self, request, context):
+    def ListVolumes(
+        self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListVolumesResponse:
         entries = []
+        views: dict[tuple[object, ...], PoolView] = {}  # one lvs per thin pool, for every backend on it
         for name in sorted(self.backends):
             backend = self.backends[name]
-            for volume in backend.list_volumes():
+            if backend.pool.key not in views:
+                views[backend.pool.key] = backend.view()
+            view = views[backend.pool.key]
+            volumes = backend.list_volumes(view)
+            pool_problem = backend.pool_problem(view) if volumes else None
+            for volume in volumes:
                 status = csi_pb2.ListVolumesResponse.VolumeStatus(
-                    published_node_ids=sorted(volume.published), volume_condition=_condition(volume)
+                    published_node_ids=sorted(volume.published), volume_condition=_condition(volume, pool_problem)
                 )
                 entries.append(
                     csi_pb2.ListVolumesResponse.Entry(
@@ -274,20 +309,25 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ListVolumesResponse(entries=page, next_token=next_token)
 
     @rpc
-    def ControllerGetVolume(self, request, context):
+    def ControllerGetVolume(
+        self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetVolumeResponse:
         if not request.volume_id:
             raise invalid("ControllerGetVolume needs a volume_id")
         backend, lv = self._locate(request.volume_id)
         volume = backend.get_volume(lv)
+        condition = _condition(volume, backend.pool_problem())
         status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-            published_node_ids=sorted(volume.published), volume_condition=_condition(volume)
+            published_node_ids=sorted(volume.published), volume_condition=condition
         )
         return csi_pb2.ControllerGetVolumeResponse(
             volume=self._volume_message(backend, volume), status=status
         )
 
     @rpc
-    def GetCapacity(self, request, context):
+    def GetCapacity(
+        self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetCapacityResponse:
         check_maps(request)
         backends = (
             [self._backend_for_parameters(request.parameters)]
@@ -302,7 +342,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.GetCapacityResponse(available_capacity=total)
 
     @rpc
-    def ControllerExpandVolume(self, request, context):
+    def ControllerExpandVolume(
+        self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
         if not request.volume_id:
             raise invalid("ControllerExpandVolume needs a volume_id")
         if not request.HasField("capacity_range"):
@@ -318,10 +360,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             capacity_bytes=size, node_expansion_required=node_expansion
         )
 
+    @rpc
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        if not request.volume_id:
+            raise invalid("ControllerModifyVolume needs a volume_id")
+        check_maps(request)
+        backend, lv = self._locate(request.volume_id)
+        if not request.mutable_parameters:
+            raise invalid("ControllerModifyVolume needs mutable_parameters")
+        check_mutable_parameters(request.mutable_parameters, backend.mutable_parameters, backend.name)
+        with self.locks.hold(request.volume_id):
+            backend.modify_volume(lv, request.mutable_parameters)
+        return csi_pb2.ControllerModifyVolumeResponse()
+
     # --- snapshots ---
 
     @rpc
-    def CreateSnapshot(self, request, context):
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
         check_name("CreateSnapshot name", request.name)
         check_maps(request)
         if not request.source_volume_id:
@@ -332,7 +391,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(backend, snapshot))
 
     @rpc
-    def DeleteSnapshot(self, request, context):
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
         if not request.snapshot_id:
             raise invalid("DeleteSnapshot needs a snapshot_id")
         check_maps(request)
@@ -345,14 +406,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.DeleteSnapshotResponse()
 
     @rpc
-    def GetSnapshot(self, request, context):
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
         if not request.snapshot_id:
             raise invalid("GetSnapshot needs a snapshot_id")
         backend, lv = self._locate(request.snapshot_id, "snapshot")
         return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_message(backend, backend.get_snapshot(lv)))
 
     @rpc
-    def ListSnapshots(self, request, context):
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
         check_maps(request)
         snapshots = []
         for name in sorted(self.backends):
@@ -367,6 +432,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         entries = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=s) for s in page]
         return csi_pb2.ListSnapshotsResponse(entries=entries, next_token=next_token)
+
+
+def locate(backends: Mapping[str, LvmBackend], object_id: str, what: str = "volume") -> tuple[LvmBackend, str]:
+    """Backend and LV of a volume/snapshot ID; an ID Berth could not have made is simply not found."""
+    try:
+        backend, lv = ids.split_volume_id(object_id)
+    except ids.InvalidId as err:
+        raise NotFound(f"{what} {object_id!r} not found: {err}") from None
+    if backend not in backends:
+        raise NotFound(f"{what} {object_id!r} not found: no configured backend is called {backend!r}")
+    return backends[backend], lv
 
 
 def _node(node_id: str) -> NodeRef:
@@ -419,11 +495,13 @@ def _capacity_range(capacity_range: csi_pb2.CapacityRange) -> tuple[int, int]:
     return required, limit
 
 
-def _condition(volume: Volume) -> csi_pb2.VolumeCondition:
+def _condition(volume: Volume, pool_problem: str | None) -> csi_pb2.VolumeCondition:
     if not volume.ready:
         return csi_pb2.VolumeCondition(abnormal=True, message="volume creation has not finished")
     if not volume.active:
         return csi_pb2.VolumeCondition(abnormal=True, message="the LV is not active on the storage host")
+    if pool_problem:
+        return csi_pb2.VolumeCondition(abnormal=True, message=pool_problem)
     return csi_pb2.VolumeCondition(abnormal=False, message="volume is healthy")
 
 

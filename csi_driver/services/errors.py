@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -23,6 +24,7 @@ STORAGE_ERROR_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (storage.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (storage.InUse, grpc.StatusCode.FAILED_PRECONDITION),
     (storage.HostNotReady, grpc.StatusCode.FAILED_PRECONDITION),
+    (storage.NotSupported, grpc.StatusCode.FAILED_PRECONDITION),
     (storage.Busy, grpc.StatusCode.ABORTED),
     (storage.HostUnreachable, grpc.StatusCode.UNAVAILABLE),
     (storage.CommandTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -48,26 +50,43 @@ ErrorCodes = list[tuple[type[Exception], grpc.StatusCode]]
 
 def rpc_mapping(codes: ErrorCodes) -> Callable[[F], F]:
     """Decorator for servicer methods: RpcError and the domain errors in `codes` (first match wins) become
-    gRPC statuses with their message. Anything else is a bug; the interceptor logs it and answers INTERNAL."""
+    gRPC statuses with their message. Anything else is a bug; the interceptor logs it and answers INTERNAL.
+    A server-streaming method (a generator) gets the same mapping for errors raised while it streams."""
 
     def decorate(method: F) -> F:
+        if inspect.isgeneratorfunction(method):
+
+            @functools.wraps(method)
+            def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    yield from method(self, request, context)
+                except Exception as err:
+                    _abort(err, codes, method.__name__, context)
+
+            return streaming  # type: ignore[return-value]
+
         @functools.wraps(method)
         def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 return method(self, request, context)
-            except RpcError as err:
-                context.abort(err.code, str(err))
             except Exception as err:
-                code = next((code for kind, code in codes if isinstance(err, kind)), None)
-                if code is None:
-                    raise
-                level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-                log.log(level, "%s failed", method.__name__, extra={"code": code.name, "reason": str(err)})
-                context.abort(code, str(err))
+                _abort(err, codes, method.__name__, context)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _abort(err: Exception, codes: ErrorCodes, method: str, context: grpc.ServicerContext) -> NoReturn:
+    """Answer `err` with its status (context.abort raises), or raise it again when it is not a known error."""
+    if isinstance(err, RpcError):
+        context.abort(err.code, str(err))
+    code = next((code for kind, code in codes if isinstance(err, kind)), None)
+    if code is None:
+        raise err
+    level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+    log.log(level, "%s failed", method, extra={"code": code.name, "reason": str(err)})
+    context.abort(code, str(err))
 
 
 rpc = rpc_mapping(STORAGE_ERROR_CODES)

@@ -25,9 +25,11 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         controller: bool,
         checks: Sequence[ReadinessCheck] = (),
         check_timeout: float = CHECK_TIMEOUT_SECONDS,
+        snapshot_metadata: bool = False,
     ) -> None:
         self.driver_name = driver_name
         self.controller = controller
+        self.snapshot_metadata = snapshot_metadata  # the SnapshotMetadata service is served (controller mode)
         self.checks = [BoundedCheck(check) for check in checks]
         self.check_timeout = check_timeout
 
@@ -38,19 +40,26 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         """
         return run_checks(self.checks, self.check_timeout)
 
-    def GetPluginInfo(self, request, context):
+    def GetPluginInfo(
+        self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginInfoResponse:
         return csi_pb2.GetPluginInfoResponse(name=self.driver_name, vendor_version=__version__)
 
-    def GetPluginCapabilities(self, request, context):
+    def GetPluginCapabilities(
+        self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginCapabilitiesResponse:
         capabilities = []
         if self.controller:
             capabilities += [
                 csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)),
+                csi_pb2.PluginCapability(service=_Service(type=_Service.GROUP_CONTROLLER_SERVICE)),
                 csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
             ]
+        if self.snapshot_metadata:
+            capabilities.append(csi_pb2.PluginCapability(service=_Service(type=_Service.SNAPSHOT_METADATA_SERVICE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=capabilities)
 
-    def Probe(self, request, context):
+    def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
         reason = self.not_ready_reason()
         if reason:
             log.warning("not ready", extra={"reason": reason})

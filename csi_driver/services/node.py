@@ -52,7 +52,10 @@ def _require(value: str, what: str) -> str:
     return value
 
 
-def _access(request, what: str = "volume_capability") -> tuple[str, csi_pb2.VolumeCapability]:
+def _access(
+    request: csi_pb2.NodeStageVolumeRequest | csi_pb2.NodePublishVolumeRequest | csi_pb2.NodeExpandVolumeRequest,
+    what: str = "volume_capability",
+) -> tuple[str, csi_pb2.VolumeCapability]:
     if not request.HasField("volume_capability"):
         raise invalid(f"{what} is required")
     capability = request.volume_capability
@@ -72,18 +75,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # --- capabilities and info ---
 
-    def NodeGetCapabilities(self, request, context):
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
         return csi_pb2.NodeGetCapabilitiesResponse(
             capabilities=[csi_pb2.NodeServiceCapability(rpc=_Rpc(type=t)) for t in CAPABILITIES]
         )
 
-    def NodeGetInfo(self, request, context):
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id, max_volumes_per_node=self.max_volumes_per_node)
 
     # --- stage ---
 
     @node_rpc
-    def NodeStageVolume(self, request, context):
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
         volume_id = _require(request.volume_id, "volume_id")
         staging = _require(request.staging_target_path, "staging_target_path")
         kind, capability = _access(request)
@@ -105,7 +114,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeStageVolumeResponse()
 
     @node_rpc
-    def NodeUnstageVolume(self, request, context):
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
         volume_id = _require(request.volume_id, "volume_id")
         staging = _require(request.staging_target_path, "staging_target_path")
         self.volumes.unstage(volume_id, staging)
@@ -114,7 +125,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # --- publish ---
 
     @node_rpc
-    def NodePublishVolume(self, request, context):
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
         volume_id = _require(request.volume_id, "volume_id")
         target = _require(request.target_path, "target_path")
         kind, capability = _access(request)
@@ -134,7 +147,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodePublishVolumeResponse()
 
     @node_rpc
-    def NodeUnpublishVolume(self, request, context):
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
         volume_id = _require(request.volume_id, "volume_id")
         target = _require(request.target_path, "target_path")
         self.volumes.unpublish(volume_id, target)
@@ -143,7 +158,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # --- stats and expand ---
 
     @node_rpc
-    def NodeGetVolumeStats(self, request, context):
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
         volume_id = _require(request.volume_id, "volume_id")
         path = _require(request.volume_path, "volume_path")
         stats = self.volumes.stats(volume_id, path)
@@ -160,7 +177,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     @node_rpc
-    def NodeExpandVolume(self, request, context):
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
         volume_id = _require(request.volume_id, "volume_id")
         path = _require(request.volume_path, "volume_path")
         if request.HasField("volume_capability"):

@@ -66,6 +66,19 @@ def map_problem(field: str, mapping: Mapping[str, str], secret: bool = False) ->
     return None
 
 
+def check_mutable_parameters(
+    mutable: Mapping[str, str], allowed: Mapping[str, tuple[str, ...]], backend: str
+) -> None:
+    """INVALID_ARGUMENT unless every mutable parameter (VolumeAttributesClass) is one `backend` offers, with one of
+    its allowed values; the message names the key and what is allowed."""
+    offered = "; ".join(f"{key}: {', '.join(values)}" for key, values in sorted(allowed.items())) or "none"
+    for key, value in sorted(mutable.items()):
+        if key not in allowed:
+            raise invalid(f"unknown mutable parameter {key!r}: backend {backend} offers {offered}")
+        if value not in allowed[key]:
+            raise invalid(f"mutable parameter {key}={value!r} is not allowed: use one of {', '.join(allowed[key])}")
+
+
 def check_maps(request: Any) -> None:
     """INVALID_ARGUMENT unless every map<string, string> field of the request (parameters, secrets, contexts...)
     keeps the spec's limits; fields whose name ends in 'secrets' are treated as secret."""

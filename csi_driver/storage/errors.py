@@ -3,8 +3,8 @@
 The CSI service layer maps these to gRPC status codes; nothing here knows gRPC.
 Suggested mapping: NotFound→NOT_FOUND, AlreadyExists→ALREADY_EXISTS,
 CapacityExhausted→RESOURCE_EXHAUSTED, OutOfRange→OUT_OF_RANGE, InvalidRequest→INVALID_ARGUMENT,
-InUse→FAILED_PRECONDITION, HostNotReady→FAILED_PRECONDITION, Busy→ABORTED, HostUnreachable→UNAVAILABLE,
-CommandTimeout→DEADLINE_EXCEEDED, anything else→INTERNAL.
+InUse→FAILED_PRECONDITION, HostNotReady→FAILED_PRECONDITION, NotSupported→FAILED_PRECONDITION, Busy→ABORTED,
+HostUnreachable→UNAVAILABLE, CommandTimeout→DEADLINE_EXCEEDED, anything else→INTERNAL.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ class InUse(StorageError):
 class HostNotReady(StorageError):
     """The storage host lacks something Berth needs (a package, the volume group, the thin pool): an operator
     must fix the host or the config; retrying the same call will not help."""
+
+
+class NotSupported(StorageError):
+    """The backend offers no such operation for this object (e.g. changed blocks of an NFS volume's snapshot): no
+    retry can succeed."""
 
 
 class Busy(StorageError):

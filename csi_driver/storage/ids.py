@@ -16,6 +16,7 @@ from .errors import InvalidRequest
 
 VOLUME_PREFIX = "vol-"
 SNAPSHOT_PREFIX = "snap-"
+GROUP_PREFIX = "grp-"
 # 20 hex = 80 bits: collisions are negligible, and the full CSI name is kept in a tag and checked.
 NAME_HASH_HEX = 20
 # LVM LV names: [A-Za-z0-9+_.-], not starting with '-', max 127 chars; we use a stricter subset.
@@ -40,6 +41,19 @@ def volume_lv_name(backend: str, csi_name: str) -> str:
 def snapshot_lv_name(backend: str, csi_name: str) -> str:
     """LV name for a CreateSnapshot request name in `backend`."""
     return SNAPSHOT_PREFIX + _digest(backend, csi_name)
+
+
+def group_snapshot_key(backend: str, csi_name: str) -> str:
+    """The backend-local part of a group snapshot's ID (`<backend>/grp-...`) for a CreateVolumeGroupSnapshot name.
+
+    No LV carries this name: it is the tag that marks the group's member snapshots."""
+    return GROUP_PREFIX + _digest(backend, csi_name)
+
+
+def member_snapshot_lv_name(backend: str, group_name: str, source_lv: str) -> str:
+    """LV name of the member of group `group_name` taken of `source_lv`: a retried CreateVolumeGroupSnapshot lands on
+    the same LVs. No CSI name holds U+0000, so no CreateSnapshot name can map to it."""
+    return snapshot_lv_name(backend, f"{group_name}\0{check_lv_name(source_lv)}")
 
 
 def is_berth_lv(lv_name: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from . import tags as meta_keys
 from .backend import NodeRef, filesystem_minimum_bytes
 from .errors import InvalidRequest
 from .ids import naa_wwn, volume_serial
@@ -16,6 +17,8 @@ CHAP_USER = "node.session.auth.username"
 CHAP_PASSWORD = "node.session.auth.password"
 MUTUAL_USER = "node.session.auth.username_in"
 MUTUAL_PASSWORD = "node.session.auth.password_in"
+# Mutable parameter: SCSI UNMAP / WRITE SAME(unmap) passed down to the thin LV, so a node's discard frees pool space.
+UNMAP_PARAMETER = "iscsiUnmap"
 
 
 def chap_from_secrets(secrets: Mapping[str, str]) -> Chap | None:
@@ -33,6 +36,8 @@ def chap_from_secrets(secrets: Mapping[str, str]) -> Chap | None:
 
 class IscsiExporter:
     protocol = "iscsi"
+    fresh_needs_prepare = False  # prepare() does nothing: the target is made at first publish
+    mutable_parameters = {UNMAP_PARAMETER: ("true", "false")}
 
     def __init__(self, targets: LioTargets, portals: Sequence[str]) -> None:
         self.targets = targets
@@ -55,8 +60,14 @@ class IscsiExporter:
 
     def publish(self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]) -> dict[str, str]:
         chap = chap_from_secrets(secrets)
-        export = self.targets.ensure_published(lv.name, lv.device_path, self.portals, node.initiator, readonly, chap)
+        export = self.targets.ensure_published(
+            lv.name, lv.device_path, self.portals, node.initiator, readonly, chap, unmap=_unmap(lv)
+        )
         return export.publish_context(readonly)
+
+    def modify(self, lv: LvInfo) -> None:
+        # Live on the backstore; a node sees the change once it rescans the LUN (docs/storage-host.md).
+        self.targets.configure(lv.name, unmap=_unmap(lv))
 
     def unpublish(self, lv: LvInfo, node: NodeRef) -> None:
         # Removing the ACL ends the node's session and hides the LUN from it.
@@ -69,7 +80,20 @@ class IscsiExporter:
         # LIO's block backstore reports the LV's new size at once; nodes must rescan (and resize the fs).
         return True
 
+    def fence(self, lvs: Sequence[LvInfo], token: str, seconds: int) -> None:
+        """No I/O reaches these volumes until unfence (or `seconds`): their targets are disabled, and the nodes
+        queue their writes (docs/group-snapshots.md)."""
+        self.targets.fence([lv.name for lv in lvs], token, seconds)
+
+    def unfence(self, token: str) -> None:
+        self.targets.unfence(token)
+
     @contextmanager
     def consistent(self, lv: LvInfo) -> Iterator[None]:
         # A raw LUN has no filesystem here to freeze: the consumer (e.g. KubeVirt's guest agent) quiesces.
         yield
+
+
+def _unmap(lv: LvInfo) -> bool:
+    """On unless the volume's iscsiUnmap says "false" (volumes made before it existed keep UNMAP on)."""
+    return meta_keys.meta_to_params(lv.meta, meta_keys.MUTABLE_PREFIX).get(UNMAP_PARAMETER) != "false"

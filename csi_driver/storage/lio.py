@@ -1,9 +1,9 @@
 """LIO iSCSI exports of thin LVs, driven from the controller.
 
-Each call runs ONE short python3 process on the storage host (the lio_host module's source via
-`python3 -c`, the request as JSON on stdin) instead of several targetcli processes: targetcli reloads
-the whole configfs tree per call (1.2-2.2 s each), one rtslib process does a batch in 0.7-1.1 s (TCG
-lab), flat from 10 to 100 exported targets.
+Each call is ONE request to the lio_host program on the storage host (its source via `python3 -c`, kept
+running between requests, see resident.py; the request as JSON on stdin) instead of several targetcli
+processes: targetcli reloads the whole configfs tree per call (1.2-2.2 s each), one rtslib process does a
+batch in 0.7-1.1 s (TCG lab), flat from 10 to 100 exported targets.
 
 Layout per volume: target `<iqn_prefix>:<lv>`, TPG 1, the given portals, block backstore `<lv>` on
 /dev/<vg>/<lv> with a serial derived from the LV name, LUN 0. No demo mode: a node sees the LUN only
@@ -12,7 +12,6 @@ once add_initiator() created its ACL and mapped LUN 0 into it (read-only = write
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,9 +19,9 @@ from importlib import resources
 from typing import Any
 
 from . import lio_host
-from .errors import AlreadyExists, Busy, CommandFailed, HostNotReady, InvalidRequest, NotFound, StorageError
+from .errors import AlreadyExists, Busy, HostNotReady, InvalidRequest, NotFound, StorageError
 from .ids import check_initiator, check_lv_name, naa_wwn, target_iqn, volume_serial
-from .runner import HOST_START_MARGIN, CommandRunner, last_json_object
+from .runner import HOST_START_MARGIN, CommandRunner, call_host_program
 
 LIO_TIMEOUT = 90.0
 
@@ -169,13 +168,7 @@ class LioTargets:
             lio_host.validate_request(request)
         except lio_host.RequestError as e:
             raise InvalidRequest(str(e)) from e
-        argv = [self.python, "-c", host_program()]
-        payload = json.dumps(request).encode()
-        result = self.runner.run(argv, input=payload, timeout=self.timeout, check=False)
-        response = last_json_object(result.text)
-        if response is None:
-            # No JSON: the program never ran properly (python3 missing, syntax, crash).
-            raise CommandFailed([self.python, "-c", "<lio_host>"], result.rc, result.stderr, result.stdout)
+        response = call_host_program(self.runner, self.python, host_program(), "lio_host", request, self.timeout)
         if not response.get("ok"):
             err = response.get("error") or {}
             cls = _KIND_TO_ERROR.get(err.get("kind", ""), StorageError)
@@ -184,9 +177,9 @@ class LioTargets:
 
     # --- operations ---
 
-    def export(self, volume: str, device_path: str, portals: Iterable[str]) -> ExportInfo:
+    def export(self, volume: str, device_path: str, portals: Iterable[str], unmap: bool = True) -> ExportInfo:
         """Create (or confirm) target, TPG, portals, backstore and LUN 0 for volume. Idempotent."""
-        (res,) = self.run_ops([self._export_op(volume, device_path, portals)], save=self.persist)
+        (res,) = self.run_ops([self._export_op(volume, device_path, portals, unmap)], save=self.persist)
         return self._export_info(volume, res)
 
     def ensure_published(
@@ -197,11 +190,19 @@ class LioTargets:
         initiator: str,
         readonly: bool = False,
         chap: Chap | None = None,
+        unmap: bool = True,
     ) -> ExportInfo:
         """export() + add_initiator() + save in one host process: a ControllerPublish (0.7-1.2 s in the TCG lab)."""
-        ops = [self._export_op(volume, device_path, portals), self._add_op(volume, initiator, readonly, chap)]
+        ops = [self._export_op(volume, device_path, portals, unmap), self._add_op(volume, initiator, readonly, chap)]
         res, _ = self.run_ops(ops, save=self.persist)
         return self._export_info(volume, res)
+
+    def configure(self, volume: str, unmap: bool) -> bool:
+        """Switch UNMAP emulation of the volume's backstore, live, and save; nothing when it has no backstore yet
+        (export() applies it). True if changed. StorageError when the kernel refuses."""
+        op = {"op": "configure", "volume": check_lv_name(volume), "target": self.target_for(volume), "unmap": unmap}
+        (res,) = self.run_ops([op], save=self.persist)
+        return bool(res.get("changed"))
 
     def unexport(self, volume: str) -> bool:
         """Remove target (sessions, ACLs, LUN, portals) and backstore. Idempotent; True if removed."""
@@ -209,9 +210,7 @@ class LioTargets:
         (res,) = self.run_ops([op], save=self.persist)
         return bool(res.get("changed"))
 
-    def add_initiator(
-        self, volume: str, initiator_iqn: str, readonly: bool = False, chap: Chap | None = None
-    ) -> bool:
+    def add_initiator(self, volume: str, initiator_iqn: str, readonly: bool = False, chap: Chap | None = None) -> bool:
         """ACL for initiator with LUN 0 mapped (write-protected if readonly). True if changed."""
         (res,) = self.run_ops([self._add_op(volume, initiator_iqn, readonly, chap)], save=self.persist)
         return bool(res.get("changed"))
@@ -243,13 +242,21 @@ class LioTargets:
         found = backstores.get("backstores", [])
         return exports, [Backstore(b["name"], b.get("device") or "", int(b.get("luns", 0))) for b in found]
 
+    def fence(self, volumes: Iterable[str], token: str, seconds: int) -> list[str]:
+        """Disable the targets of these volumes (those that exist) for at most `seconds`; returns their names."""
+        op = {"op": "fence", "targets": [self.target_for(v) for v in volumes], "token": token, "seconds": seconds}
+        return list(self.run_ops([op])[0]["fenced"])
+
+    def unfence(self, token: str) -> None:
+        self.run_ops([{"op": "unfence", "token": token}])
+
     def save(self) -> None:
         """Persist the live LIO config (Debian: /etc/rtslib-fb-target/saveconfig.json)."""
         self.run_ops([{"op": "save"}])
 
     # --- op builders ---
 
-    def _export_op(self, volume: str, device_path: str, portals: Iterable[str]) -> dict[str, Any]:
+    def _export_op(self, volume: str, device_path: str, portals: Iterable[str], unmap: bool) -> dict[str, Any]:
         portal_list = list(portals)
         if isinstance(portals, str) or not portal_list:
             raise InvalidRequest("portals must be a non-empty list of 'ip[:port]'")
@@ -260,6 +267,7 @@ class LioTargets:
             "device": device_path,
             "serial": volume_serial(volume),
             "portals": portal_list,
+            "unmap": unmap,
         }
 
     def _add_op(self, volume: str, initiator: str, readonly: bool, chap: Chap | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""LIO iSCSI export manager that runs ON the storage host, one process per request.
+"""LIO iSCSI export manager that runs ON the storage host (one request per process, or `--serve`).
 
 The controller sends this file's source as `python3 -c <source>` and the request as JSON on stdin
 (secrets such as CHAP passwords must not appear in the host's process list). It prints one JSON
@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -58,7 +59,17 @@ _CHAP_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces (conf
 # Writes are refused below these paths; saveconfig is JSON the target service reads at boot.
 _SAVE_DIRS = ("/etc/", "/var/lib/", "/run/", "/tmp/")
 
-MUTATING = frozenset({"export", "unexport", "add_initiator", "remove_initiator"})
+MUTATING = frozenset({"export", "configure", "unexport", "add_initiator", "remove_initiator"})
+# Fences (a group snapshot's common instant, docs/group-snapshots.md): one record per fence, and a systemd timer that
+# lifts it after at most MAX_FENCE_SECONDS even if the controller never comes back to do it.
+FENCE_DIR = os.environ.get("BERTH_FENCE_DIR", "/run/berth/fences")
+CONFIGFS_ISCSI = "/sys/kernel/config/target/iscsi"
+MAX_FENCE_SECONDS = 600
+_TOKEN_RE = re.compile(r"[0-9a-f]{16,64}")
+# The timer's command: the script is constant, the files are its arguments.
+ENABLE_SCRIPT = 'for f; do echo 1 > "$f"; done'
+# SCSI UNMAP and WRITE SAME(unmap) emulation of a backstore: both on or both off.
+UNMAP_ATTRIBUTES = ("emulate_tpu", "emulate_tpws")
 
 
 class RequestError(Exception):
@@ -101,8 +112,11 @@ def check_target_iqn(value: Any) -> str:
 
 
 def check_initiator(value: Any) -> str:
-    ok = isinstance(value, str) and len(value) <= MAX_INITIATOR_NAME_BYTES
-    if not ok or not (_IQN_RE.fullmatch(value) or _EUI_RE.fullmatch(value) or _NAA_RE.fullmatch(value)):
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_INITIATOR_NAME_BYTES
+        or not (_IQN_RE.fullmatch(value) or _EUI_RE.fullmatch(value) or _NAA_RE.fullmatch(value))
+    ):
         raise RequestError(f"invalid initiator name {value!r}")
     return value
 
@@ -197,6 +211,11 @@ def validate_op(op: Any) -> dict[str, Any]:
         if not isinstance(portals, list) or not portals:
             raise RequestError("portals must be a non-empty list")
         fields["portals"] = sorted({parse_portal(p) for p in portals})
+        fields["unmap"] = _check_bool(op.get("unmap", True), "unmap")
+    elif name == "configure":
+        fields["volume"] = check_name(op.get("volume"))
+        fields["target"] = check_target_iqn(op.get("target"))
+        fields["unmap"] = _check_bool(op.get("unmap"), "unmap")
     elif name == "unexport":
         fields["volume"] = check_name(op.get("volume"))
         fields["target"] = check_target_iqn(op.get("target"))
@@ -210,6 +229,18 @@ def validate_op(op: Any) -> dict[str, Any]:
         fields["initiator"] = check_initiator(op.get("initiator"))
     elif name == "list_initiators":
         fields["target"] = check_target_iqn(op.get("target"))
+    elif name == "fence":
+        targets = op.get("targets")
+        if not isinstance(targets, list) or not targets or len(targets) > MAX_OPS:
+            raise RequestError(f"targets must be a list of 1..{MAX_OPS} target names")
+        fields["targets"] = sorted({check_target_iqn(t) for t in targets})
+        fields["token"] = check_token(op.get("token"))
+        seconds = op.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or not 1 <= seconds <= MAX_FENCE_SECONDS:
+            raise RequestError(f"seconds must be an integer from 1 to {MAX_FENCE_SECONDS}")
+        fields["seconds"] = seconds
+    elif name == "unfence":
+        fields["token"] = check_token(op.get("token"))
     elif name == "list_exports":
         prefix = op.get("iqn_prefix")
         if not isinstance(prefix, str) or not _IQN_RE.fullmatch(prefix.rstrip(":")):
@@ -225,6 +256,12 @@ def validate_op(op: Any) -> dict[str, Any]:
     if unknown:
         raise RequestError(f"unknown fields for {name}: {sorted(unknown)}")
     return fields
+
+
+def check_token(value: Any) -> str:
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
+        raise RequestError("token must be 16 to 64 lowercase hex digits")
+    return value
 
 
 def _check_save_path(value: Any) -> str | None:
@@ -321,9 +358,10 @@ def op_export(op: dict[str, Any]) -> dict[str, Any]:
     else:
         so = rtslib.BlockStorageObject(op["volume"], dev=op["device"], wwn=op["serial"])
         created = True
-        # Thin LVs: pass SCSI UNMAP / WRITE SAME(unmap) down so discards free pool space.
-        _best_effort_attr(so, "emulate_tpu", "1")
-        _best_effort_attr(so, "emulate_tpws", "1")
+    # Thin LVs: pass SCSI UNMAP / WRITE SAME(unmap) down so discards free pool space (the volume's iscsiUnmap).
+    # Best effort: a device without discard refuses it, and must still be exported.
+    with contextlib.suppress(rtslib.RTSLibError):
+        created = _set_unmap(so, op["unmap"]) or created
 
     target = rtslib.Target(_fabric(), op["target"], mode="any")
     try:
@@ -362,6 +400,25 @@ def op_export(op: dict[str, Any]) -> dict[str, Any]:
         "portals": [_portal_str(ip, port) for ip, port in sorted(want)],
         "changed": created,
     }
+
+
+def _set_unmap(so: Any, unmap: bool) -> bool:
+    """UNMAP emulation on or off; True when an attribute changed. RTSLibError when the kernel refuses."""
+    want = "1" if unmap else "0"
+    changed = False
+    for name in UNMAP_ATTRIBUTES:
+        if str(so.get_attribute(name)) != want:
+            so.set_attribute(name, want)
+            changed = True
+    return changed
+
+
+def op_configure(op: dict[str, Any]) -> dict[str, Any]:
+    """Change a live backstore (no detach: nodes see it after a rescan); a volume never exported has none yet."""
+    so = _lookup_so(op["volume"])
+    if so is None:
+        return {"target": op["target"], "changed": False}
+    return {"target": op["target"], "changed": _set_unmap(so, op["unmap"])}
 
 
 def _portal_str(ip: str, port: int) -> str:
@@ -540,7 +597,8 @@ def _save(path: str | None, touched: dict[str, set[str]] | None = None) -> dict[
 def _read_saveconf(save_file: str) -> dict[str, Any] | None:
     try:
         with open(save_file, encoding="utf-8") as f:
-            return json.load(f)
+            saveconf: dict[str, Any] = json.load(f)
+            return saveconf
     except (OSError, ValueError):
         return None
 
@@ -586,8 +644,62 @@ def _write_private(save_file: str, saveconf: dict[str, Any]) -> None:
     os.replace(tmp, save_file)
 
 
+def _fence_unit(token: str) -> str:
+    return f"berth-unfence-{token}"
+
+
+def run_command(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+
+def op_fence(op: dict[str, Any]) -> dict[str, Any]:
+    """Disable the TPGs of these targets: their sessions end once their commands completed, and the initiators
+    queue new I/O (multipath without a path, or iSCSI session recovery) until op_unfence or the timer enables
+    them again. Nothing is saved: a reboot brings the targets back enabled."""
+    tpgs = []
+    for iqn in op["targets"]:
+        target = _lookup_target(iqn)
+        if target is not None:  # else not published anywhere: nobody writes to it
+            tpgs += [(iqn, tpg) for tpg in target.tpgs if tpg.enable]
+    os.makedirs(FENCE_DIR, mode=0o700, exist_ok=True)
+    with open(_fence_record(op["token"]), "w") as f:  # first: op_unfence must know every TPG this op may disable
+        json.dump({"tpgs": [[iqn, tpg.tag] for iqn, tpg in tpgs]}, f)
+    files = [f"{CONFIGFS_ISCSI}/{iqn}/tpgt_{tpg.tag}/enable" for iqn, tpg in tpgs]
+    timer = [
+        "systemd-run", "--quiet", "--collect", f"--unit={_fence_unit(op['token'])}", f"--on-active={op['seconds']}s",
+        "--timer-property=AccuracySec=1s", "sh", "-c", ENABLE_SCRIPT, "sh", *files,
+    ]  # fmt: skip
+    armed = run_command(timer)
+    if armed.returncode != 0:
+        raise RequestError(f"cannot arm the fence's timer: {armed.stderr.strip()}")
+    for _, tpg in tpgs:
+        tpg.enable = False
+    return {"fenced": [iqn for iqn, _ in tpgs]}
+
+
+def op_unfence(op: dict[str, Any]) -> dict[str, Any]:
+    """Enable again what op_fence disabled (idempotent: a second call, or one after the timer, finds nothing)."""
+    try:
+        with open(_fence_record(op["token"])) as f:
+            tpgs = json.load(f)["tpgs"]
+    except FileNotFoundError:
+        return {"unfenced": []}
+    for iqn, tag in tpgs:
+        target = _lookup_target(iqn)
+        if target is not None:  # else removed meanwhile
+            rtslib.TPG(target, tag, mode="lookup").enable = True
+    run_command(["systemctl", "stop", f"{_fence_unit(op['token'])}.timer"])
+    os.unlink(_fence_record(op["token"]))
+    return {"unfenced": [iqn for iqn, _ in tpgs]}
+
+
+def _fence_record(token: str) -> str:
+    return os.path.join(FENCE_DIR, f"{token}.json")
+
+
 OPS = {
     "export": op_export,
+    "configure": op_configure,
     "unexport": op_unexport,
     "add_initiator": op_add_initiator,
     "remove_initiator": op_remove_initiator,
@@ -595,6 +707,8 @@ OPS = {
     "list_exports": op_list_exports,
     "list_backstores": op_list_backstores,
     "save": op_save,
+    "fence": op_fence,
+    "unfence": op_unfence,
 }
 
 
@@ -638,7 +752,7 @@ def execute(
     error: dict[str, Any] | None = None
     for index, op in enumerate(ops):
         try:
-            if op["op"] in MUTATING and clock() >= deadline:
+            if op["op"] in MUTATING | {"fence"} and clock() >= deadline:
                 raise BusyError(f"the request's time budget ran out before {op['op']}; nothing more was changed")
             if op["op"] in MUTATING:  # before the op: a half-done op must be saved too
                 touched["targets"].add(op["target"])
@@ -662,12 +776,18 @@ def execute(
     return {"ok": True, "results": results}
 
 
-def main(stdin: Any = None, stdout: Any = None, clock: Clock = time.monotonic) -> int:
-    started = clock()
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
+def forget_other_writers() -> None:
+    """rtslib keeps a per-process map of backstore indexes (rtslib_fb.tcm.bs_cache), read from configfs once. A
+    resident process outlives the other writers (one-shot requests, `targetctl restore` at boot), and a stale map
+    makes it create a backstore at an index that is taken ("This _Backstore already exists in configFS"). Emptied
+    under the host lock before each request, the map is read again from configfs."""
+    rtslib.tcm.bs_cache.clear()
+
+
+def answer(text: str, started: float, clock: Clock = time.monotonic) -> dict[str, Any]:
+    """The response to one request's JSON text; its budget counts from `started`."""
     try:
-        req = json.loads(stdin.read())
+        req = json.loads(text)
         ops, save, save_path, budget = validate_request(req)
         if rtslib is None:
             raise HostNotReadyError(
@@ -675,15 +795,35 @@ def main(stdin: Any = None, stdout: Any = None, clock: Clock = time.monotonic) -
             )
         deadline = started + budget
         with host_lock(deadline, clock=clock):
-            response = execute(ops, save, save_path, deadline, clock)
+            forget_other_writers()
+            return execute(ops, save, save_path, deadline, clock)
     except json.JSONDecodeError as e:
-        response = {"ok": False, "error": {"kind": "invalid", "message": f"bad JSON: {e}"}, "results": []}
+        return {"ok": False, "error": {"kind": "invalid", "message": f"bad JSON: {e}"}, "results": []}
     except RequestError as e:
-        response = {"ok": False, "error": {"kind": e.kind, "message": str(e)}, "results": []}
-    stdout.write(json.dumps(response, sort_keys=True) + "\n")
+        return {"ok": False, "error": {"kind": e.kind, "message": str(e)}, "results": []}
+
+
+def main(stdin: Any = None, stdout: Any = None, clock: Clock = time.monotonic) -> int:
+    """One request: the whole of stdin; its budget counts from the program's start."""
+    started = clock()
+    stdout = stdout or sys.stdout
+    stdout.write(json.dumps(answer((stdin or sys.stdin).read(), started, clock), sort_keys=True) + "\n")
     stdout.flush()
     return 0
 
 
+def serve(stdin: Any = None, stdout: Any = None, clock: Clock = time.monotonic) -> int:
+    """Resident mode (`--serve`, csi_driver/storage/resident.py): one request per line until stdin ends, each
+    answered like main() does (budget from when its line arrived, the host lock taken and released per request).
+    The same loop as nfs_host.serve: each host program must stay self-contained."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    for line in iter(stdin.readline, ""):
+        if line.strip():
+            stdout.write(json.dumps(answer(line, clock(), clock), sort_keys=True) + "\n")
+            stdout.flush()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())

@@ -9,14 +9,13 @@ See docs/nfs.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets as secrets_module
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import nfs_host
 from . import tags as meta_keys
@@ -33,7 +32,7 @@ from .errors import (
 )
 from .ids import check_lv_name
 from .lvm import LvInfo
-from .runner import CommandRunner, last_json_object
+from .runner import CommandRunner, call_host_program
 
 log = logging.getLogger("berth.storage.nfs")
 
@@ -44,6 +43,12 @@ PREPARE_TIMEOUT = 2400.0
 THAW_AFTER_SECONDS = 30
 
 SnapshotFreeze = Literal["lvm", "fsfreeze"]
+
+# Mutable parameters: each replaces its group of export options, live, for the nodes the volume is published to.
+SYNC_PARAMETER = "nfsSync"  # "true": sync, "false": async (the server answers writes before they are stable)
+SQUASH_PARAMETER = "nfsSquash"
+SYNC_OPTIONS = {"true": "sync", "false": "async"}
+SQUASH_OPTIONS = ("root_squash", "no_root_squash", "all_squash")
 
 _KIND_TO_ERROR: dict[str, type[StorageError]] = {
     "invalid": InvalidRequest,
@@ -65,6 +70,8 @@ class NfsExporter:
     """The `Exporter` of NFS backends (see backend.py)."""
 
     protocol = "nfs"
+    fresh_needs_prepare = True  # the filesystem is made and exported
+    mutable_parameters = {SYNC_PARAMETER: tuple(SYNC_OPTIONS), SQUASH_PARAMETER: SQUASH_OPTIONS}
 
     def __init__(
         self,
@@ -145,21 +152,30 @@ class NfsExporter:
         options: str | None = None,
     ) -> dict[str, str]:
         """Export to every address of `node` (rw or ro). `options` overrides the export options, which are the
-        volume's StorageClass parameter nfsExportOptions, else the configured ones; rw/ro in them are ignored, the
-        publication decides."""
+        volume's (export_options_of); rw/ro in them are ignored, the publication decides."""
         if not node.addresses:
             raise InvalidRequest(f"node {node.node_id} has no IP address to export to")
-        if options is None:
-            options = meta_keys.meta_to_params(lv.meta).get(EXPORT_OPTIONS_PARAMETER)
         fields = {
             "vg": lv.vg,
             "node_id": node.node_id,
             "addresses": list(node.addresses),
             "readonly": bool(readonly),
-            "options": check_export_options(options) if options is not None else self.export_options,
+            "options": check_export_options(options) if options is not None else self.export_options_of(lv),
         }
         self._call("publish", lv, fields)
         return {**self.volume_context(lv.name), "readonly": "true" if readonly else "false"}
+
+    def modify(self, lv: LvInfo) -> None:
+        """Re-export to the nodes it is published to with the new options: their mounts stay, and the kernel's
+        export table (and the exports file, for a restart) carries the new options at once."""
+        self._call("reconfigure", lv, {"options": self.export_options_of(lv)})
+
+    def export_options_of(self, lv: LvInfo) -> str:
+        """The volume's StorageClass parameter nfsExportOptions (else the configured options), with its mutable
+        parameters replacing their groups of options."""
+        chosen = meta_keys.meta_to_params(lv.meta).get(EXPORT_OPTIONS_PARAMETER)
+        options = check_export_options(chosen) if chosen is not None else self.export_options
+        return with_mutable_options(options, meta_keys.meta_to_params(lv.meta, meta_keys.MUTABLE_PREFIX))
 
     def unpublish(self, lv: LvInfo, node: NodeRef) -> None:
         if not node.addresses:
@@ -203,6 +219,13 @@ class NfsExporter:
             raise
         self._thaw(lv, token)
 
+    def fence(self, lvs: Sequence[LvInfo], token: str, seconds: int) -> None:
+        """No NFS request from these volumes' clients reaches the host until unfence (or `seconds`)."""
+        self._request("fence", {"lvs": [lv.name for lv in lvs], "token": token, "thaw_after": seconds})
+
+    def unfence(self, token: str) -> None:
+        self._request("unfence", {"token": token})
+
     def _thaw(self, lv: LvInfo, token: str) -> None:
         result = self._call("thaw", lv, {"token": token})
         if not result.get("thawed", True):
@@ -226,15 +249,22 @@ class NfsExporter:
         request = {"v": nfs_host.PROTOCOL, "op": op, "export_root": self.export_root, **fields}
         # Fail fast on the controller for bad input; the host validates again (it trusts nobody).
         _check(nfs_host.validate_request, request)
-        argv = [self.python, "-c", host_program()]
-        result = self.runner.run(argv, input=json.dumps(request).encode(), timeout=timeout or self.timeout, check=False)
-        response = last_json_object(result.text)
-        if response is None:
-            # No JSON: the program never ran properly (python3 missing, syntax error, killed).
-            raise CommandFailed([self.python, "-c", "<nfs_host>"], result.rc, result.stderr, result.stdout)
+        response = call_host_program(
+            self.runner, self.python, host_program(), "nfs_host", request, timeout or self.timeout
+        )
         if not response.get("ok"):
             raise _error(op, response.get("error") or {})
         return dict(response.get("result") or {})
+
+
+def with_mutable_options(options: str, mutable: Mapping[str, str]) -> str:
+    """Normalised export options with nfsSync / nfsSquash (when set) in place of any sync/async and squash options."""
+    tokens = [t for t in options.split(",") if t]
+    if SYNC_PARAMETER in mutable:
+        tokens = [t for t in tokens if t not in SYNC_OPTIONS.values()] + [SYNC_OPTIONS[mutable[SYNC_PARAMETER]]]
+    if SQUASH_PARAMETER in mutable:
+        tokens = [t for t in tokens if t not in SQUASH_OPTIONS] + [mutable[SQUASH_PARAMETER]]
+    return ",".join(tokens)
 
 
 def check_export_options(options: str) -> str:
@@ -242,7 +272,10 @@ def check_export_options(options: str) -> str:
     return _check(nfs_host.check_options, options)
 
 
-def _check(fn: Any, value: Any) -> Any:
+Checked = TypeVar("Checked")
+
+
+def _check(fn: Callable[[Any], Checked], value: Any) -> Checked:
     try:
         return fn(value)
     except nfs_host.RequestError as e:

@@ -1,4 +1,4 @@
-"""Kernel NFS exports of per-volume filesystems, run ON the storage host, one process per request.
+"""Kernel NFS exports of per-volume filesystems, run ON the storage host (one request per process, or `--serve`).
 
 The controller sends this file's source as `python3 -c <source>` and ONE operation as JSON on stdin; the
 program prints one JSON line. It must stay self-contained (stdlib only, no import from csi_driver): only this
@@ -8,7 +8,7 @@ here so that one SSH round trip does one whole operation, under host-side flocks
 Layout (see docs/nfs.md): LV /dev/<vg>/<lv>, filesystem mounted at <export_root>/<lv>, one fstab line per
 volume, one exports file /etc/exports.d/berth-<lv>.exports per volume.
 
-Request:  {"v": 1, "op": "prepare|publish|unpublish|teardown|grow|freeze|thaw|inventory", ...fields}
+Request:  {"v": 1, "op": "prepare|publish|unpublish|reconfigure|teardown|grow|freeze|thaw|fence|unfence|inventory", ...}
 Response: {"ok": true, "result": {...}}
           {"ok": false, "error": {"kind": "invalid|not_found|conflict|in_use|busy|out_of_range|failed|timeout|internal",
                                   "message": "...", ["argv": [...], "rc": n, "stderr": "..."]}}
@@ -47,7 +47,19 @@ FSTAB_OPTIONS = "defaults,nofail,x-systemd.before=nfs-server.service"
 EXPORTS_PREFIX = "berth-"
 EXPORTS_SUFFIX = ".exports"
 LOCK_WAIT_SECONDS = 60.0
+# nfsd lets go of a volume's files a little after its last client unmounted (the client's CLOSE and DELEGRETURN
+# calls follow its umount); a DeleteVolume right after the unpublish waits this long for that.
+RELEASE_WAIT_SECONDS = 20.0
+FLUSH_INTERVAL = 5.0
 CMD_TIMEOUT = 60.0
+# A group snapshot's fence (docs/group-snapshots.md): the member volumes' clients' NFS traffic dropped, in a chain of
+# its own, which a systemd timer removes after at most thaw_after seconds if the controller never comes back.
+NFS_PORT = "2049"
+MAX_FENCED_VOLUMES = 256
+# The command that lifts a fence: the script is constant, the chain is its argument.
+UNFENCE_SCRIPT = (
+    'for t in iptables ip6tables; do $t -w -D INPUT -j "$1"; $t -w -F "$1"; $t -w -X "$1"; done 2>/dev/null; true'
+)
 MKFS_TIMEOUT = 600.0
 FSCK_TIMEOUT = 1800.0
 # xfs_growfs queues the headers of every new allocation group in memory before it writes any: growing a small xfs
@@ -219,11 +231,14 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "prepare": ("vg", "lv", "export_root", "filesystem", "fresh", "max_bytes"),
     "publish": ("vg", "lv", "export_root", "node_id", "addresses", "readonly", "options"),
     "unpublish": ("lv", "export_root", "node_id", "addresses"),
+    "reconfigure": ("lv", "export_root", "options"),
     "teardown": ("vg", "lv", "export_root"),
     "grow": ("vg", "lv", "export_root", "max_bytes"),
     "freeze": ("vg", "lv", "export_root", "token", "thaw_after"),
     "thaw": ("lv", "export_root", "token"),
     "inventory": ("export_root",),
+    "fence": ("lvs", "export_root", "token", "thaw_after"),
+    "unfence": ("export_root", "token"),
 }
 
 
@@ -247,6 +262,10 @@ def validate_request(req: Any) -> dict[str, Any]:
             out[name] = check_name(value, "VG")
         elif name == "lv":
             out[name] = check_name(value)
+        elif name == "lvs":
+            if not isinstance(value, list) or not 1 <= len(value) <= MAX_FENCED_VOLUMES:
+                raise RequestError(f"lvs must be a list of 1..{MAX_FENCED_VOLUMES} volume names")
+            out[name] = sorted({check_name(lv) for lv in value})
         elif name == "export_root":
             out[name] = check_export_root(value)
         elif name == "filesystem":
@@ -504,6 +523,9 @@ class Host:
     mountinfo: str = "/proc/self/mountinfo"
     lock_dir: str = field(default_factory=lambda: os.environ.get("BERTH_NFS_LOCK_DIR", "/run/lock/berth-nfs"))
     lock_wait: float = LOCK_WAIT_SECONDS
+    release_wait: float = RELEASE_WAIT_SECONDS
+    proc_dir: str = "/proc"
+    nfsd_clients_dir: str = "/proc/fs/nfsd/clients"
     run: Callable[[list[str], float], Result] = run_command
     devno: Callable[[str], int | None] = _stat_devno
 
@@ -710,6 +732,18 @@ def op_publish(host: Host, req: dict[str, Any]) -> dict[str, Any]:
         return _apply_exports(host, req["lv"], mp, record, set())
 
 
+def op_reconfigure(host: Host, req: dict[str, Any]) -> dict[str, Any]:
+    """New export options for the nodes already published (exportfs -o replaces a live client's options); a volume
+    published nowhere has no exports file, and its next publish brings the options."""
+    with host.lock(req["lv"]):
+        _, mp = _paths(host, req)
+        record = parse_exports(_read(exports_path(host.exports_dir, req["lv"])))
+        if not record.nodes:
+            return {"clients": {}, "unexported": []}
+        record.options = req["options"]
+        return _apply_exports(host, req["lv"], mp, record, set())
+
+
 def op_unpublish(host: Host, req: dict[str, Any]) -> dict[str, Any]:
     with host.lock(req["lv"]):
         _, mp = _paths(host, req)
@@ -733,10 +767,11 @@ def op_teardown(host: Host, req: dict[str, Any]) -> dict[str, Any]:
             if _our_mount(host, path, device) is None:
                 continue
             host.run(["fsfreeze", "--unfreeze", path], CMD_TIMEOUT)  # fails when not frozen: fine
-            umount = host.run(["umount", path], CMD_TIMEOUT)
+            umount = _umount_once_released(host, path)
             if umount.rc != 0:
                 if "busy" in umount.stderr.lower():
-                    raise InUseError(f"{path} is still in use on the storage host: {umount.stderr.strip()}")
+                    holders = "; ".join(_holders(host, path, device)) or "no process or NFS client found"
+                    raise InUseError(f"{path} is still in use on the storage host ({holders}): {umount.stderr.strip()}")
                 raise CommandError(["umount", path], umount.rc, umount.stderr)
             done.append(f"umount {path}")
         # 3. Forget the mount, then the directory (rmdir only: files there would be data, never deleted).
@@ -755,6 +790,77 @@ def op_teardown(host: Host, req: dict[str, Any]) -> dict[str, Any]:
                 except OSError as e:
                     warnings.append(f"left {path} in place: {e.strerror}")
     return {**result, "done": done, "warnings": warnings}
+
+
+def _umount_once_released(host: Host, path: str) -> Result:
+    """umount, tried again while it is busy for up to host.release_wait seconds (see RELEASE_WAIT_SECONDS).
+
+    While busy, nfsd's export caches are flushed (`exportfs -f`) every FLUSH_INTERVAL seconds: a cache entry for the
+    path holds the mount until a flush and the kernel's cache cleaner remove it (docs/nfs.md). Never more often: a
+    flush within a second of the last one moves the kernel's flush time a second into the future, and flushing in a
+    tight loop pushed it minutes ahead, which also postpones the cleaning."""
+    deadline = time.monotonic() + host.release_wait
+    flushed = float("-inf")
+    while True:
+        umount = host.run(["umount", path], CMD_TIMEOUT)
+        if umount.rc == 0 or "busy" not in umount.stderr.lower() or time.monotonic() >= deadline:
+            return umount
+        if time.monotonic() - flushed >= FLUSH_INTERVAL:
+            host.run(["exportfs", "-f"], CMD_TIMEOUT)
+            flushed = time.monotonic()
+        time.sleep(0.5)
+
+
+def _holders(host: Host, path: str, device: str) -> list[str]:
+    """Who keeps `path` busy, for the error message: local processes with a file, cwd, root or mapping in it,
+    mounts below it, nfsd's export caches, and NFS clients with open, lock or delegation state on the volume's
+    filesystem (nfsd's clients/*/states)."""
+    found: list[str] = []
+    below = path.rstrip("/") + "/"
+    for pid in sorted((p for p in _listdir(host.proc_dir) if p.isdigit()), key=int):
+        base = os.path.join(host.proc_dir, pid)
+        links = [os.path.join(base, "cwd"), os.path.join(base, "root")]
+        links += [os.path.join(base, "fd", fd) for fd in _listdir(os.path.join(base, "fd"))]
+        mapped = [line.split(maxsplit=5)[-1] for line in _read(os.path.join(base, "maps")).splitlines()]
+        if any(t == path or t.startswith(below) for t in [*map(_readlink, links), *mapped]):
+            found.append(f"process {pid} ({_read(os.path.join(base, 'comm')).strip()})")
+    found += [f"a mount at {m.mountpoint}" for m in host.mounts() if m.mountpoint.startswith(below)]
+    for cache in ("nfsd.export", "nfsd.fh"):  # entries hold the path until they expire or a flush
+        if any(path in line.split() for line in _cache_lines(host, cache)):
+            found.append(f"nfsd's {cache} cache")
+    devno = host.devno(device)
+    if devno is None:
+        return found
+    superblock = f'superblock: "{os.major(devno):02x}:{os.minor(devno):02x}:'
+    for client in sorted(_listdir(host.nfsd_clients_dir)):
+        base = os.path.join(host.nfsd_clients_dir, client)
+        states = [line for line in _read(os.path.join(base, "states")).splitlines() if superblock in line]
+        if states:
+            address = re.search(r'^address: "([^"]*)"', _read(os.path.join(base, "info")), re.M)
+            kinds = sorted(set(re.findall(r"type: (\w+)", "\n".join(states))))
+            found.append(f"NFS client {address.group(1) if address else client}: {len(states)} {'/'.join(kinds)}")
+    return found
+
+
+def _cache_lines(host: Host, cache: str) -> list[str]:
+    """The entries of one of nfsd's caches; "# " marks one that is expired or not valid, which still holds its path
+    while it stays in the cache (seen for minutes after the flush of an unexport)."""
+    text = _read(os.path.join(host.proc_dir, "net", "rpc", cache, "content"))
+    return [line.removeprefix("# ") for line in text.splitlines()]
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 def op_grow(host: Host, req: dict[str, Any]) -> dict[str, Any]:
@@ -811,6 +917,16 @@ def _grow_filesystem(host: Host, fstype: str, mp: str, device: str, max_bytes: i
     return done
 
 
+def safety_timer(unit: str, seconds: int, command: list[str]) -> list[str]:
+    """systemd-run argv that runs `command` after `seconds` unless `<unit>.timer` is stopped first: it undoes a freeze
+    or a fence that the controller may never come back to undo."""
+    return [
+        "systemd-run", "--quiet", "--collect", f"--unit={unit}", f"--on-active={seconds}s",
+        "--timer-property=AccuracySec=1s",  # the default accuracy (1 min) would delay the undo
+        *command,
+    ]  # fmt: skip
+
+
 def thaw_unit(lv: str, token: str) -> str:
     return f"berth-thaw-{check_name(lv)}-{token}"
 
@@ -822,13 +938,7 @@ def op_freeze(host: Host, req: dict[str, Any]) -> dict[str, Any]:
         raise NotFoundError(f"{mp} is not mounted")
     unit = thaw_unit(req["lv"], req["token"])
     fsfreeze = shutil.which("fsfreeze", path="/usr/sbin:/sbin:/usr/bin:/bin") or "/usr/sbin/fsfreeze"
-    arm = [
-        "systemd-run", "--quiet", "--collect", f"--unit={unit}",
-        f"--on-active={req['thaw_after']}s",
-        "--timer-property=AccuracySec=1s",  # the default accuracy (1 min) would delay the thaw
-        fsfreeze, "--unfreeze", mp,
-    ]  # fmt: skip
-    host.check(arm)
+    host.check(safety_timer(unit, req["thaw_after"], [fsfreeze, "--unfreeze", mp]))
     result = host.run(["fsfreeze", "--freeze", mp], CMD_TIMEOUT)
     if result.rc != 0:
         if "busy" in result.stderr.lower():
@@ -851,6 +961,38 @@ def op_thaw(host: Host, req: dict[str, Any]) -> dict[str, Any]:
     host.run(["systemctl", "stop", f"{unit}.timer"], CMD_TIMEOUT)
     # thawed False: it was not frozen any more (the safety timer fired first).
     return {"thawed": thawed}
+
+
+def fence_chain(token: str) -> str:
+    return f"berth-fence-{token[:16]}"  # iptables chain names: at most 28 characters
+
+
+def op_fence(host: Host, req: dict[str, Any]) -> dict[str, Any]:
+    """Drop NFS requests from every client of these volumes until op_unfence or the timer: requests nfsd already
+    has complete, new ones wait in the clients (TCP retransmits, hard mounts). It pauses those nodes' other NFS
+    volumes of this host too: a client is an address, not a volume."""
+    addresses: set[str] = set()
+    for lv in req["lvs"]:
+        addresses |= set(parse_exports(_read(exports_path(host.exports_dir, lv))).clients())
+    chain = fence_chain(req["token"])
+    # First: whatever happens next, the timer lifts the fence.
+    host.check(safety_timer(chain, req["thaw_after"], ["sh", "-c", UNFENCE_SCRIPT, "sh", chain]))
+    for tool, version in (("iptables", 4), ("ip6tables", 6)):
+        family = sorted(a for a in addresses if ipaddress.ip_network(a, strict=False).version == version)
+        if family:
+            host.check([tool, "-w", "-N", chain])
+            for address in family:
+                host.check([tool, "-w", "-A", chain, "-s", address, "-p", "tcp", "--dport", NFS_PORT, "-j", "DROP"])
+            host.check([tool, "-w", "-I", "INPUT", "1", "-j", chain])
+    return {"fenced": sorted(addresses)}
+
+
+def op_unfence(host: Host, req: dict[str, Any]) -> dict[str, Any]:
+    """Lift the fence (idempotent: after the timer, or a second time, there is nothing left to remove)."""
+    chain = fence_chain(req["token"])
+    host.check(["sh", "-c", UNFENCE_SCRIPT, "sh", chain])
+    host.run(["systemctl", "stop", f"{chain}.timer"], CMD_TIMEOUT)
+    return {"unfenced": chain}
 
 
 def op_inventory(host: Host, req: dict[str, Any]) -> dict[str, Any]:
@@ -889,9 +1031,12 @@ def op_inventory(host: Host, req: dict[str, Any]) -> dict[str, Any]:
 
 
 OPS: dict[str, Callable[[Host, dict[str, Any]], dict[str, Any]]] = {
+    "fence": op_fence,
+    "unfence": op_unfence,
     "prepare": op_prepare,
     "publish": op_publish,
     "unpublish": op_unpublish,
+    "reconfigure": op_reconfigure,
     "teardown": op_teardown,
     "grow": op_grow,
     "freeze": op_freeze,
@@ -916,19 +1061,35 @@ def execute(host: Host, req: Any) -> dict[str, Any]:
         return {"ok": False, "error": {"kind": "internal", "message": f"{type(e).__name__}: {e}"}}
 
 
-def main(stdin: Any = None, stdout: Any = None, host: Host | None = None) -> int:
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
+def answer(text: str, host: Host | None = None) -> dict[str, Any]:
+    """The response to one request's JSON text."""
     try:
-        req = json.loads(stdin.read())
+        req = json.loads(text)
     except ValueError as e:
-        response: dict[str, Any] = {"ok": False, "error": {"kind": "invalid", "message": f"bad JSON: {e}"}}
-    else:
-        response = execute(host or Host(), req)
-    stdout.write(json.dumps(response, sort_keys=True) + "\n")
+        return {"ok": False, "error": {"kind": "invalid", "message": f"bad JSON: {e}"}}
+    return execute(host or Host(), req)
+
+
+def main(stdin: Any = None, stdout: Any = None, host: Host | None = None) -> int:
+    """One request: the whole of stdin."""
+    stdout = stdout or sys.stdout
+    stdout.write(json.dumps(answer((stdin or sys.stdin).read(), host), sort_keys=True) + "\n")
     stdout.flush()
     return 0
 
 
+def serve(stdin: Any = None, stdout: Any = None, host: Host | None = None) -> int:
+    """Resident mode (`--serve`, csi_driver/storage/resident.py): one request per line until stdin ends, each
+    answered like main() does, with the same locks taken per request. (The same loop as lio_host.serve: each
+    host program must stay self-contained.)"""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    for line in iter(stdin.readline, ""):
+        if line.strip():
+            stdout.write(json.dumps(answer(line, host), sort_keys=True) + "\n")
+            stdout.flush()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())

@@ -134,17 +134,17 @@ class HostAudit:
             if is_berth_lv(export.volume):
                 nodes = [i.initiator for i in export.initiators]
                 reason = f"target {export.target_iqn} (ACLs: {', '.join(nodes) or 'none'}) has no LV {export.volume}"
-                detail = {"target": export.target_iqn, "device": export.device, "initiators": nodes}
+                detail: dict[str, Any] = {"target": export.target_iqn, "device": export.device, "initiators": nodes}
                 found[export.volume] = Orphan(ISCSI_TARGET, backend.name, export.volume, reason, detail)
         by_device = {f"/dev/{backend.pool.vg}/": backend for backend, _ in self.iscsi}
         for backstore in backstores:
             device_dir, _, name = backstore.device.rpartition("/")
-            backend = by_device.get(device_dir + "/")
-            if backend is None or name != backstore.name or not is_berth_lv(name) or name in found:
+            owner = by_device.get(device_dir + "/")
+            if owner is None or name != backstore.name or not is_berth_lv(name) or name in found:
                 continue  # not one Berth made, or its target's removal removes it too
             reason = f"block backstore {name} on {backstore.device} ({backstore.luns} LUNs) has no LV"
             detail = {"device": backstore.device, "luns": backstore.luns}
-            found[name] = Orphan(ISCSI_BACKSTORE, backend.name, name, reason, detail)
+            found[name] = Orphan(ISCSI_BACKSTORE, owner.name, name, reason, detail)
         return found
 
     def _nfs_parts_by_lv(self) -> dict[str, tuple[LvmBackend, str, tuple[str, ...]]]:

@@ -17,11 +17,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import CommandFailed, CommandTimeout, HostUnreachable, InvalidRequest
+from .resident import ResidentProcess, ResidentPrograms
 
 log = logging.getLogger("berth.storage.ssh")
 
@@ -91,6 +92,7 @@ class LocalRunner:
 
     def __init__(self, env: dict[str, str] | None = None):
         self._env = c_locale_env(env)
+        self.resident = ResidentPrograms(self._spawn)
 
     def run(
         self,
@@ -121,8 +123,11 @@ class LocalRunner:
             raise CommandFailed(args, proc.returncode, proc.stderr, proc.stdout)
         return result
 
+    def _spawn(self, argv: list[str]) -> ResidentProcess | None:
+        return _start_resident(_validate_argv(argv), self._env, lambda: None)
+
     def close(self) -> None:
-        pass
+        self.resident.close()
 
 
 def remote_command(argv: Sequence[str]) -> str:
@@ -190,6 +195,7 @@ class SshRunner:
         self._down_reason: str | None = None  # why the host was last found unreachable; None while reachable
         self._sessions = threading.BoundedSemaphore(max_sessions)
         self._env = c_locale_env()
+        self.resident = ResidentPrograms(self._spawn, self._resident_lost)
 
     @property
     def connect_bound(self) -> float:
@@ -355,12 +361,33 @@ class SshRunner:
             raise CommandFailed(args, proc.returncode, proc.stderr, proc.stdout)
         return result
 
+    def _spawn(self, argv: list[str]) -> ResidentProcess | None:
+        """A resident host program over the master; it holds one of max_sessions for its whole life, so it starts
+        only when one is free at once (the caller then runs the request one-shot)."""
+        args = _validate_argv(argv)
+        self._ensure_master()
+        if not self._sessions.acquire(blocking=False):
+            return None
+        try:
+            return _start_resident(self.command_args(args), self._env, self._sessions.release)
+        except BaseException:
+            self._sessions.release()
+            raise
+
+    def _resident_lost(self, argv: list[str], rc: int, stderr: bytes) -> Exception:
+        if rc != 255:  # see run(): ssh's own failure
+            return CommandFailed(argv, rc, stderr)
+        error = HostUnreachable(f"ssh to {self.host}:{self.port} failed: {stderr.decode('utf-8', 'replace').strip()}")
+        self._mark_down(str(error))
+        return error
+
     def close(self) -> None:
-        """Stop the master connection and remove the private socket directory."""
+        """Stop the resident host programs and the master connection; remove the private socket directory."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        self.resident.close()
         if os.path.exists(self.control_path):
             try:
                 subprocess.run(
@@ -378,6 +405,46 @@ class SshRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_resident(argv: list[str], env: dict[str, str], on_exit: Callable[[], None]) -> ResidentProcess:
+    # stderr to a file, not a pipe nobody reads while the process waits for requests.
+    stderr = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, bufsize=0)
+    except BaseException:
+        stderr.close()
+        raise
+    return ResidentProcess(proc, stderr, on_exit)
+
+
+def call_host_program(
+    runner: CommandRunner,
+    python: str,
+    source: str,
+    name: str,
+    request: dict[str, Any],
+    timeout: float,
+    resident: bool = True,
+) -> dict[str, Any]:
+    """One JSON request to a host program (lio_host.py, nfs_host.py, thin_metadata_host.py): through the runner's
+    resident process of it when it has one free (see resident.py; `resident` False: never, for a program called so
+    rarely that it should not hold an SSH session for good), else as `python3 -c <source>` with the request on stdin.
+    Never on the command line: it may hold secrets. CommandFailed when no JSON response came (python3 missing, a
+    crash)."""
+    payload = json.dumps(request).encode()
+    argv = [python, "-c", source]
+    label = [python, "-c", f"<{name}>"]
+    programs = getattr(runner, "resident", None) if resident else None
+    if isinstance(programs, ResidentPrograms):
+        response = programs.call(argv, payload, timeout, label)
+        if response is not None:
+            return response
+    result = runner.run(argv, input=payload, timeout=timeout, check=False)
+    response = last_json_object(result.text)
+    if response is None:
+        raise CommandFailed(label, result.rc, result.stderr, result.stdout)
+    return response
 
 
 def last_json_object(stdout: str) -> dict[str, Any] | None:

@@ -32,11 +32,17 @@ KEY_KIND = "kind"  # "volume" | "snapshot"
 KEY_STATE = "state"  # "creating" | "ready" | "deleting"
 KEY_SOURCE = "src"  # content source: "snapshot:<lv>" | "volume:<lv>"
 KEY_CREATED = "ctime"
+KEY_ADOPTED = "adopted"  # the LV's name before `berth adopt` took it over
+KEY_GROUP = "grp"  # a group snapshot's member: the group's key (storage/ids.py group_snapshot_key)
+KEY_GROUP_SIZE = "gsize"  # ... and how many members the group has (a retry tells a whole group from a broken one)
 PARAM_PREFIX = "p."  # CreateVolume parameters: p.<parameter key>
+MUTABLE_PREFIX = "m."  # mutable parameters (CreateVolume, ControllerModifyVolume): m.<parameter key>
 
 STATE_CREATING = "creating"
 STATE_READY = "ready"
 STATE_DELETING = "deleting"
+# `berth adopt` in progress: never "creating", which the orphan audit may remove (an adopted LV holds the admin's data).
+STATE_ADOPTING = "adopting"
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _ESCAPED_RE = re.compile(r"(?:[A-Za-z0-9_.-]|:[0-9A-F]{2})*")
@@ -136,9 +142,9 @@ def tags_for_key(tags: Iterable[str], key: str) -> list[str]:
     return [t for t in tags if t.startswith(f"{PREFIX}{ekey}=") or t.startswith(f"{PREFIX}{ekey}#")]
 
 
-def params_to_meta(params: Mapping[str, str]) -> dict[str, str]:
-    return {PARAM_PREFIX + k: v for k, v in params.items()}
+def params_to_meta(params: Mapping[str, str], prefix: str = PARAM_PREFIX) -> dict[str, str]:
+    return {prefix + k: v for k, v in params.items()}
 
 
-def meta_to_params(meta: Mapping[str, str]) -> dict[str, str]:
-    return {k[len(PARAM_PREFIX) :]: v for k, v in meta.items() if k.startswith(PARAM_PREFIX)}
+def meta_to_params(meta: Mapping[str, str], prefix: str = PARAM_PREFIX) -> dict[str, str]:
+    return {k[len(prefix) :]: v for k, v in meta.items() if k.startswith(prefix)}

@@ -25,10 +25,18 @@ class Answer:
         return self.body.get("details", "")
 
 
+# An NFS volume that two nodes used could stay busy on the storage host for minutes after both unmounted (an entry
+# of nfsd's export caches held it: docs/nfs.md). A DeleteVolume still busy after BUSY_DELETE_PATIENCE is retried in
+# the background, as the external-provisioner does, and must succeed by the module's end.
+BUSY_DELETE_PATIENCE = 45.0
+DEFERRED_DELETE_PATIENCE = 900.0
+
+
 class Berth:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.node_ids: dict[str, str] = {}
+        self.deferred: list[dict] = []  # volumes whose DeleteVolume found them busy: deleted by finish_deletes
 
     def call(self, node: str, rpc: str, request: dict | None = None) -> Answer:
         return Answer(*csicall(self.lab, node, rpc, request))
@@ -113,8 +121,46 @@ class Berth:
                 failures.append(f"{step.__name__} on {node}: {answer.body}")
         return failures
 
-    def delete(self, volume: dict) -> None:
-        self.must("node1", "Controller.DeleteVolume", {"volume_id": volume["volume_id"]})
+    def delete(self, volume: dict, patience: float = BUSY_DELETE_PATIENCE) -> None:
+        """DeleteVolume, sent again while the storage host finds the volume still in use (FAILED_PRECONDITION), as
+        the external-provisioner does; still busy after `patience`, it is left to finish_deletes."""
+        if not self._delete(volume, patience):
+            print(f"\nDeleteVolume {volume['volume_id']}: still in use after {patience:g} s, retried at the end")
+            self.deferred.append(volume)
+
+    def finish_deletes(self, patience: float = DEFERRED_DELETE_PATIENCE) -> None:
+        """Delete the volumes that were busy (at the module's end): each must go within `patience`."""
+        deadline = time.monotonic() + patience
+        while self.deferred:
+            volume = self.deferred[0]
+            assert self._delete(volume, max(0.0, deadline - time.monotonic())), f"{volume['volume_id']} stays busy"
+            self.deferred.pop(0)
+
+    def _delete(self, volume: dict, patience: float) -> bool:
+        """True once deleted, False while still busy after `patience`; any other failure fails the test."""
+        started = time.monotonic()
+        while True:
+            answer = self.call("node1", "Controller.DeleteVolume", {"volume_id": volume["volume_id"]})
+            if answer.ok:
+                return True
+            busy = answer.body.get("code") == "FAILED_PRECONDITION" and "still in use" in answer.details
+            assert busy, f"Controller.DeleteVolume on node1: {answer.body}"
+            if time.monotonic() - started > patience:
+                return False
+            time.sleep(5)
+
+
+# How long dm-multipath queues I/O with every path down: polling_interval (2 s in the lab) x no_path_retry. It must
+# outlast a storage outage or a group snapshot's fence (docs/faults.md, docs/group-snapshots.md). multipath's built-in
+# entry for LIO-ORG devices says 12, and a device entry beats the defaults section: only `overrides` changes it.
+NO_PATH_RETRY = 150
+OVERRIDES = "/etc/multipath/conf.d/berth-queue-longer.conf"
+
+
+def queue_longer(lab: Lab, node: str, on: bool) -> None:
+    text = f"overrides {{\n    no_path_retry {NO_PATH_RETRY}\n}}\n"
+    change = f"mkdir -p {OVERRIDES.rsplit('/', 1)[0]} && cat > {OVERRIDES}" if on else f"rm -f {OVERRIDES}"
+    lab.run(node, f"{change} && multipathd reconfigure", input=text if on else None)
 
 
 def staging_path(volume: dict) -> str:
@@ -139,6 +185,15 @@ def timed(fn: Callable[[], object]) -> float:
     return time.monotonic() - started
 
 
+def pool_used_bytes(lab: Lab) -> int:
+    """Bytes of the lab's thin pool in use: what a copy of data would grow and a thin snapshot does not. Written
+    data still in the storage host's page cache (an async NFS export answers COMMIT before it is on disk) is
+    flushed first, so it is counted now and not as growth later."""
+    size, percent = lab.run("storage", "sync && lvs --noheadings --units b --nosuffix -o lv_size,data_percent "
+                            "berth/pool").stdout.split()  # fmt: skip
+    return int(int(size) * float(percent) / 100)
+
+
 @pytest.fixture(scope="module")
 def berth(lab: Lab):
     start_berth(lab, "node1", mode="all")
@@ -147,5 +202,8 @@ def berth(lab: Lab):
     driver = Berth(lab)
     driver.node_ids = {n: driver.must(n, "Node.NodeGetInfo")["node_id"] for n in ("node1", "node2")}
     yield driver
-    stop_berth(lab, "node1")
-    stop_berth(lab, "node2")
+    try:
+        driver.finish_deletes()
+    finally:
+        stop_berth(lab, "node1")
+        stop_berth(lab, "node2")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.berth_lab.conftest import GiB, MiB, block, staging_path, timed
+from tests.berth_lab.conftest import GiB, MiB, block, pool_used_bytes, staging_path, timed
 
 pytestmark = pytest.mark.lab
 
@@ -49,28 +49,13 @@ def test_wrong_chap_secret_fails_stage_with_a_clear_error(lab, berth):
         berth.unstage(volume, "node1")
         berth.unpublish(volume, "node1")
         berth.delete(volume)
-
-
-def test_node_plugin_restart_between_stage_and_unstage_still_cleans_up(lab, berth):
-    from sanity.runner import start_berth
-
-    cap = block()
-    volume = berth.create("restart", 64 * MiB, cap)
-    try:
-        context = berth.publish(volume, "node1", cap).body["publish_context"]
-        assert berth.stage(volume, "node1", cap, context).ok
-        iqn = context["targetIqn"]
-        assert iqn in lab.run("node1", "iscsiadm -m session").stdout
-        start_berth(lab, "node1", mode="all")  # a new process: only the stage record remembers the attach
-        assert berth.unstage(volume, "node1").ok
-        sessions = lab.run("node1", "iscsiadm -m session 2>&1; true").stdout
-        assert iqn not in sessions, f"session left behind after unstage: {sessions}"
-        records = lab.run("node1", "ls /var/lib/berth/volumes 2>/dev/null; true").stdout
-        assert volume["volume_id"].split("/")[1] not in records, records
-    finally:
-        berth.unstage(volume, "node1")
-        berth.unpublish(volume, "node1")
-        berth.delete(volume)
+    # Berth runs at debug level in the lab (sanity/runner.py): its log holds every request, never a secret, nor
+    # the SSH key it reaches the storage host with.
+    log = lab.run("node1", "journalctl -u berth --no-pager -o cat").stdout
+    assert '"level": "debug"' in log, "Berth logged no debug lines: nothing was checked"
+    key_body = lab.run("node1", "sed -n 2p /root/.ssh/id_ed25519").stdout.strip()
+    for secret in ("correct-secret-1", "wrong-secret-12", key_body):
+        assert secret and secret not in log, "a secret is in Berth's debug log"
 
 
 def staged_device(lab, volume: dict) -> str:
@@ -92,13 +77,15 @@ def test_snapshot_and_clone_cost_does_not_grow_with_data(lab, berth):
         context = berth.publish(full, "node1", cap).body["publish_context"]
         assert berth.stage(full, "node1", cap, context).ok
         device = staged_device(lab, full)
-        # 1 GiB of random data in 16 direct writes of one 64 MiB chunk (urandom itself is slow under TCG).
-        lab.run("node1", f"dd if=/dev/urandom of=/tmp/chunk bs=1M count=64 status=none && for i in $(seq 0 15); do "
+        # 256 MiB of random data in 4 direct writes of one 64 MiB chunk (urandom itself is slow under TCG): a copy
+        # would grow the pool by 4 times the bound below.
+        lab.run("node1", f"dd if=/dev/urandom of=/tmp/chunk bs=1M count=64 status=none && for i in $(seq 0 3); do "
                          f"dd if=/tmp/chunk of={device} bs=1M seek=$((i*64)) oflag=direct status=none; done",
                 timeout=900)  # fmt: skip
         assert berth.unstage(full, "node1").ok
         berth.unpublish(full, "node1")
         costs = {}
+        used_before = pool_used_bytes(lab)
         for volume in (empty, full):
             tag = volume["volume_id"].split("/")[1][-6:]
             snapshot_id: list[str] = []
@@ -112,11 +99,10 @@ def test_snapshot_and_clone_cost_does_not_grow_with_data(lab, berth):
                 {"name": f"clone-{t}", "volume_capabilities": [cap], "parameters": {"backend": "lab-iscsi"},
                  "volume_content_source": {"volume": {"volume_id": v["volume_id"]}}})["volume"]))  # fmt: skip
             made.append(("volume", clone[0]["volume_id"]))
-        print(f"\nthin snapshot/clone seconds (1 GiB written vs empty): {costs}")
-        empty_tag, full_tag = empty["volume_id"][-6:], full["volume_id"][-6:]
-        for kind in ("snapshot", "clone"):
-            # Copying 1 GiB under emulation takes far longer than this allowance: only CoW passes.
-            assert costs[f"{kind} {full_tag}"] < 2 * costs[f"{kind} {empty_tag}"] + 3, costs
+        grown = pool_used_bytes(lab) - used_before
+        print(f"\nthin snapshot/clone seconds (256 MiB written vs empty): {costs}; the pool grew {grown // MiB} MiB")
+        # A copy of the 256 MiB would take 256 MiB more of the pool; thin snapshots and clones share its chunks.
+        assert grown < 64 * MiB, f"the pool grew {grown // MiB} MiB for two snapshots and two clones"
     finally:
         for kind, object_id in reversed(made):
             if kind == "snapshot":

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from tests.berth_lab.conftest import Berth, GiB, MiB, mount, target_path, timed
+from tests.berth_lab.conftest import Berth, GiB, MiB, mount, pool_used_bytes, target_path, timed
 
 pytestmark = pytest.mark.lab
 
@@ -16,8 +16,8 @@ NFS = "lab-nfs"
 VG = "berth"
 RWX = mount("MULTI_NODE_MULTI_WRITER")
 RWO = mount()
-# Written through the NFS mount for the clone cost test (1 GiB over the `sync` export: ~30 s under TCG).
-DATA_BYTES = 1 * GiB
+# Written through the NFS mount for the clone cost test (1 GiB over the `sync` export took ~30 s of a 5 min test).
+DATA_BYTES = 512 * MiB  # a copy would grow the pool by this; the clones' own xfs writes by about 130 MiB
 WRITER_UNIT = "berth-test-writer"
 
 
@@ -111,8 +111,8 @@ def wait_for_files(lab, node: str, directory: str, count: int, timeout: float = 
 def clean_up(berth: Berth, volumes: list[dict], snapshots: Sequence[str] = (), nodes: Sequence[str] = ()) -> None:
     """Detach the first volume from `nodes` (the only one attached), delete the volumes (last made first),
     then the snapshots. Deletes must succeed: a leftover would spoil the next test."""
-    for node in nodes:
-        berth.detach(volumes[0], node)
+    failed = [failure for node in nodes for failure in berth.detach(volumes[0], node)]
+    assert not failed, f"detach failed: {failed}"
     for volume in reversed(volumes):
         berth.delete(volume)
     for snapshot_id in snapshots:
@@ -182,6 +182,7 @@ def test_snapshot_and_clone_cost_does_not_grow_with_data(lab, berth):
         berth.detach(full, "node1")
 
         costs: dict[str, float] = {}
+        used_before = pool_used_bytes(lab)
         for label, volume in (("empty", empty), ("full", full)):
             started = time.monotonic()
             snapshots.append(berth.snapshot(f"nfs-snap-{label}", volume))
@@ -190,11 +191,14 @@ def test_snapshot_and_clone_cost_does_not_grow_with_data(lab, berth):
             source = {"volume": {"volume_id": volume["volume_id"]}}
             volumes.append(berth.create(f"nfs-clone-{label}", 2 * GiB, RWO, backend=NFS, source=source))
             costs[f"clone {label}"] = time.monotonic() - started
-        print(f"NFS thin snapshot/clone seconds ({DATA_BYTES // MiB} MiB written vs empty): "
-              + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))  # fmt: skip
-        for kind in ("snapshot", "clone"):
-            # Copying the data under emulation takes far longer than this allowance: only CoW passes.
-            assert costs[f"{kind} full"] < 2 * costs[f"{kind} empty"] + 5, costs
+        grown = pool_used_bytes(lab) - used_before
+        seconds = ", ".join(f"{k} {v:.1f}" for k, v in costs.items())
+        print(f"NFS thin snapshot/clone seconds ({DATA_BYTES // MiB} MiB written vs empty): {seconds}; "
+              f"the pool grew {grown // MiB} MiB")  # fmt: skip
+        # A copy of the data would take as much again of the pool; thin snapshots and clones share its chunks. What
+        # does grow: each clone's xfs replays its log and gets a new UUID when the storage host mounts it, and every
+        # block it touches copies a whole pool chunk (130 MiB in all, measured).
+        assert grown < DATA_BYTES // 2, f"the pool grew {grown // MiB} MiB for two snapshots and two clones"
         # The clone of the full volume has the data (checked on the storage host: both are mounted there).
         clone_export = export_of(volumes[-1])[1]
         assert sha256(lab, "storage", f"{clone_export}/data") == sha256(lab, "storage", f"{export_of(full)[1]}/data")

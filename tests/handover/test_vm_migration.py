@@ -19,19 +19,14 @@ import time
 import pytest
 
 from lab.config import REPO
-from sanity.runner import SRC
 from tests.berth_lab.conftest import MiB, block, target_path
 from tests.handover.vm.pattern import parse_serial
-from tests.handover.vm_lab import VM, install_guest
+from tests.handover.vm_lab import VM, assert_verified, final_state, install_guest
 
 pytestmark = [pytest.mark.lab, pytest.mark.handover]
 PORT = 4444
 TARGET_ADDRESS = "198.18.0.12"  # node2 on data link 0
 ARTIFACTS = REPO / "artifacts" / "handover"
-
-
-def consecutive(gens: list[int]) -> bool:
-    return gens == list(range(1, len(gens) + 1))
 
 
 def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
@@ -89,10 +84,7 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         assert not later["errors"] and later["alive"], later
         t = mark("3 generations on node2 after node1 detached", t)
 
-        target.qmp("stop")  # drains the VM's in-flight I/O: the disk is now still
-        joined = parse_serial(source.serial_text() + target.serial_text())
-        regions = json.loads(lab.run("node2", f"python3 {SRC}/tests/handover/vm/pattern.py {disk['node2']}").stdout)
-        on_disk = regions["data"]
+        joined, regions = final_state(lab, source, target, disk["node2"])
         timings["total"] = round(time.monotonic() - t0, 2)
         report = {
             "timings_s": timings,
@@ -105,13 +97,7 @@ def test_vm_live_migrates_between_nodes_on_a_berth_volume(lab, berth):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "vm_migration.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report))
-
-        assert joined["boots"] == 1 and not joined["errors"], joined
-        assert consecutive(joined["generations"]), f"generations not 1..N in order: {joined['generations']}"
-        last = joined["generations"][-1]
-        assert None not in on_disk, f"sectors without a valid pattern: {on_disk}"
-        assert set(on_disk) <= {last, last + 1}, f"disk holds {set(on_disk)}, last verified generation {last}"
-        assert regions["keep"] == [0] * len(regions["keep"]), f"the boot-time sectors changed: {regions['keep']}"
+        assert_verified(joined, regions)
     finally:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         for vm in (source, target):

@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from csi_driver.storage import tags as tagcodec
 from csi_driver.storage.backend import filesystem_minimum_bytes
 from csi_driver.storage.errors import NotFound
-from csi_driver.storage.lvm import LvInfo, PoolCapacity, round_up
+from csi_driver.storage.iscsi import IscsiExporter
+from csi_driver.storage.lvm import LvInfo, PoolCapacity, PoolView, round_up
+from csi_driver.storage.nfs import NfsExporter
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -22,6 +24,12 @@ class FakeThinPool:
         self.extent = extent
         self.lvs: dict[str, LvInfo] = {}
         self.calls: list[str] = []
+        self.reads = 0  # lvs calls a ThinPool would run: find, get, list, view, capacity
+        self.snapshot_fails: dict[str, Exception] = {}  # source LV → what snapshotting it raises
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (id(self),)  # every fake pool is a pool of its own
 
     def extent_size(self) -> int:
         return self.extent
@@ -38,29 +46,34 @@ class FakeThinPool:
         )  # fmt: skip
 
     def find(self, lv: str) -> LvInfo | None:
+        self.reads += 1
         return self.lvs.get(lv)
 
     def get(self, lv: str) -> LvInfo:
+        self.reads += 1
         if lv not in self.lvs:
             raise NotFound(f"logical volume {self.vg}/{lv} not found")
         return self.lvs[lv]
 
     def list(self, tag_filter=None, managed_only=True) -> list[LvInfo]:
+        self.reads += 1
         want = dict(tag_filter or {})
         return [i for i in self.lvs.values() if all(i.meta.get(k) == v for k, v in want.items())]
 
-    def create_volume(self, lv: str, size: int, tags) -> LvInfo:
+    def create_volume(self, lv: str, size: int, tags, known_absent: bool = False) -> LvInfo:
         self.calls.append(f"create {lv}")
         self.lvs[lv] = self._make(lv, self.round_size(size), dict(tags))
         return self.lvs[lv]
 
-    def snapshot(self, source_lv: str, new_lv: str, tags, read_only: bool = False) -> LvInfo:
+    def snapshot(self, source_lv: str, new_lv: str, tags, read_only=False, known_absent=False) -> LvInfo:
         self.calls.append(f"snapshot {source_lv} {new_lv}")
+        if source_lv in self.snapshot_fails:
+            raise self.snapshot_fails[source_lv]
         source = self.get(source_lv)
         self.lvs[new_lv] = self._make(new_lv, source.size_bytes, dict(tags), origin=source_lv)
         return self.lvs[new_lv]
 
-    def clone(self, source_lv: str, new_lv: str, size: int, tags) -> LvInfo:
+    def clone(self, source_lv: str, new_lv: str, size: int, tags, known_absent: bool = False) -> LvInfo:
         info = self.snapshot(source_lv, new_lv, tags)
         if info.size_bytes < size:
             self.resize(new_lv, size)
@@ -75,8 +88,8 @@ class FakeThinPool:
         self.calls.append(f"remove {lv}")
         return self.lvs.pop(lv, None) is not None
 
-    def update_meta(self, lv: str, changes) -> LvInfo:
-        info = self.get(lv)
+    def update_meta(self, lv: str, changes, current: LvInfo | None = None) -> LvInfo:
+        info = self.lvs[lv]  # the fake is always current (the real one reads nothing when given `current`)
         meta = {k: v for k, v in info.meta.items()}
         for key, value in changes.items():
             if value is None:
@@ -87,7 +100,25 @@ class FakeThinPool:
         self.lvs[lv] = replace(info, tags=encoded, meta=tagcodec.decode_tags(encoded))
         return self.lvs[lv]
 
+    def rename(self, lv: str, new_name: str) -> None:
+        self.calls.append(f"rename {lv} {new_name}")
+        self.lvs[new_name] = replace(self.lvs.pop(lv), name=new_name)
+
+    def drop_meta(self, lv: str, current: LvInfo) -> None:
+        self.calls.append(f"drop_meta {lv}")
+        self.lvs[lv] = replace(self.get(lv), tags=(), meta={})
+
+    def add_foreign(self, name: str, size: int, attr: str = "Vwi-a-tz--", pool: str = "pool") -> LvInfo:
+        """An LV Berth did not make (no tags): what `berth adopt` takes over."""
+        self.lvs[name] = replace(self._make(name, size, {}), tags=(), meta={}, attr=attr, pool=pool)
+        return self.lvs[name]
+
+    def view(self) -> PoolView:
+        # capacity() counts the one lvs a view is (subclasses change what capacity() reports)
+        return PoolView(self.capacity(), {n: i for n, i in self.lvs.items() if i.pool == self.pool})
+
     def capacity(self) -> PoolCapacity:
+        self.reads += 1
         used = sum(i.size_bytes for i in self.lvs.values()) // 10  # thin: little is written
         return PoolCapacity(self.size_bytes, used, self.size_bytes - used, used * 100 / self.size_bytes, 1.0)
 
@@ -95,6 +126,9 @@ class FakeThinPool:
 class FakeExporter:
     def __init__(self, protocol: str = "iscsi") -> None:
         self.protocol = protocol
+        self.fresh_needs_prepare = True  # a test sets False to take iSCSI's shortcut
+        self.mutable_parameters = (IscsiExporter if protocol == "iscsi" else NfsExporter).mutable_parameters
+        self.modified: list[tuple[str, dict[str, str]]] = []  # (lv, mutable parameters in its tags) per modify()
         self.acls: dict[str, dict[str, bool]] = {}
         self.prepared: list[str] = []
         self.frozen: list[str] = []
@@ -102,6 +136,9 @@ class FakeExporter:
         self.grow_calls: list[tuple[str, int]] = []  # (lv, max_bytes) of every grown() call
         self.grow_error: Exception | None = None
         self.prepare_limits: list[int] = []
+        self.calls: list[str] = []  # fence/unfence; a test may share its pool's list to see the order
+        self.fence_error: Exception | None = None
+        self.unfence_error: Exception | None = None
 
     def volume_context(self, lv: str) -> dict[str, str]:
         return {"wwn": f"wwn-{lv}"} if self.protocol == "iscsi" else {"nfsServer": "198.18.0.1", "nfsExport": lv}
@@ -124,6 +161,19 @@ class FakeExporter:
 
     def unpublish(self, lv: LvInfo, node) -> None:
         self.acls.get(lv.name, {}).pop(node.initiator, None)
+
+    def modify(self, lv: LvInfo) -> None:
+        self.modified.append((lv.name, tagcodec.meta_to_params(lv.meta, tagcodec.MUTABLE_PREFIX)))
+
+    def fence(self, lvs, token: str, seconds: int) -> None:
+        self.calls.append("fence " + " ".join(lv.name for lv in lvs))
+        if self.fence_error is not None:
+            raise self.fence_error
+
+    def unfence(self, token: str) -> None:
+        self.calls.append("unfence")
+        if self.unfence_error is not None:
+            raise self.unfence_error
 
     def teardown(self, lv: LvInfo) -> None:
         self.acls.pop(lv.name, None)

@@ -308,6 +308,22 @@ def test_attach_limit(controller):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 3" in message
 
 
+def test_publish_reads_its_pool_once_and_each_other_pool_once(controller, backends):
+    volume = create(controller)
+    pools = [backend.pool for backend in backends.values()]
+    before = [pool.reads for pool in pools]
+    publish(controller, volume.volume_id)
+    assert [pool.reads - n for pool, n in zip(pools, before, strict=True)] == [1, 1]  # each read is an lvs
+
+
+def test_list_volumes_reads_each_pool_once(controller, backends):
+    create(controller)
+    pools = [backend.pool for backend in backends.values()]
+    before = [pool.reads for pool in pools]
+    controller.ListVolumes(csi_pb2.ListVolumesRequest())
+    assert [pool.reads - n for pool, n in zip(pools, before, strict=True)] == [1, 1]  # volumes and capacity: one lvs
+
+
 def test_delete_unknown_ids_is_ok(controller):
     for volume_id in ("fake-vol-id", "blk/vol-00000000000000000000", "other/vol-1"):
         controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
@@ -375,8 +391,8 @@ def test_capabilities_cover_what_is_implemented(controller):
     types = {c.rpc.type for c in caps}
     Rpc = csi_pb2.ControllerServiceCapability.RPC
     assert {Rpc.CREATE_DELETE_VOLUME, Rpc.PUBLISH_UNPUBLISH_VOLUME, Rpc.CREATE_DELETE_SNAPSHOT, Rpc.CLONE_VOLUME,
-            Rpc.EXPAND_VOLUME, Rpc.LIST_VOLUMES, Rpc.GET_CAPACITY, Rpc.GET_SNAPSHOT} <= types  # fmt: skip
-    assert Rpc.MODIFY_VOLUME not in types, "ModifyVolume is not implemented"
+            Rpc.EXPAND_VOLUME, Rpc.LIST_VOLUMES, Rpc.GET_CAPACITY, Rpc.GET_SNAPSHOT,
+            Rpc.MODIFY_VOLUME} <= types  # fmt: skip
 
 
 def test_backends_sharing_one_pool_see_only_their_own_volumes(tmp_path):
@@ -463,3 +479,83 @@ def test_nfs_export_options_storage_class_parameter(controller):
     assert volume.volume_id.startswith("files/")
     code, message = status_of(lambda: create(controller, "blk-opts", nfsExportOptions="no_root_squash"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "applies to nfs backends" in message
+
+
+# --- ControllerModifyVolume and CreateVolume's mutable_parameters ---
+
+
+def create_with(stub, name="pvc-1", backend="blk", **mutable):
+    return stub.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=GiB),
+            volume_capabilities=[capability()],
+            parameters={"backend": backend},
+            mutable_parameters=mutable,
+        )
+    ).volume
+
+
+def modify(stub, volume_id, **mutable):
+    return stub.ControllerModifyVolume(
+        csi_pb2.ControllerModifyVolumeRequest(volume_id=volume_id, mutable_parameters=mutable)
+    )
+
+
+def stored(backends, volume_id):
+    backend, lv = volume_id.split("/")
+    return backends[backend].get_volume(lv).mutable
+
+
+def test_create_keeps_mutable_parameters_in_the_lv_tags(controller, backends):
+    volume = create_with(controller, iscsiUnmap="false")
+    assert stored(backends, volume.volume_id) == {"iscsiUnmap": "false"}
+    assert backends["blk"].get_volume(volume.volume_id.split("/")[1]).parameters == {"backend": "blk"}
+
+
+def test_modify_records_then_applies_to_the_live_export(controller, backends):
+    volume = create_with(controller, name="files-1", backend="files", nfsSquash="root_squash")
+    modify(controller, volume.volume_id, nfsSync="false")
+    assert stored(backends, volume.volume_id) == {"nfsSquash": "root_squash", "nfsSync": "false"}
+    lv = volume.volume_id.split("/")[1]
+    assert backends["files"].exporter.modified == [(lv, {"nfsSquash": "root_squash", "nfsSync": "false"})]
+
+
+def test_a_create_retry_after_a_modify_is_the_same_volume(controller):
+    volume = create_with(controller, iscsiUnmap="true")
+    modify(controller, volume.volume_id, iscsiUnmap="false")
+    assert create_with(controller, iscsiUnmap="true").volume_id == volume.volume_id
+
+
+@pytest.mark.parametrize(
+    "mutable, named",
+    [
+        ({"XXX_FakeKey": "1"}, ["'XXX_FakeKey'", "iscsiUnmap: true, false"]),
+        ({"nfsSync": "true"}, ["'nfsSync'", "backend blk offers iscsiUnmap: true, false"]),
+        ({"iscsiUnmap": "yes"}, ["iscsiUnmap='yes'", "one of true, false"]),
+    ],
+)
+def test_unknown_keys_and_values_are_invalid_naming_what_is_allowed(controller, backends, mutable, named):
+    volume = create_with(controller)
+    for call, request in (
+        (controller.ControllerModifyVolume, csi_pb2.ControllerModifyVolumeRequest(volume_id=volume.volume_id)),
+        (controller.CreateVolume, csi_pb2.CreateVolumeRequest(name="pvc-2", volume_capabilities=[capability()])),
+    ):
+        request.mutable_parameters.update(mutable)
+        code, message = status_of(call, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and all(n in message for n in named), message
+    assert backends["blk"].exporter.modified == [] and len(backends["blk"].list_volumes()) == 1
+
+
+def test_modify_needs_a_volume_id_and_parameters_and_an_existing_volume(controller):
+    volume = create_with(controller)
+    cases = [
+        (csi_pb2.ControllerModifyVolumeRequest(mutable_parameters={"iscsiUnmap": "true"}), "INVALID_ARGUMENT"),
+        (csi_pb2.ControllerModifyVolumeRequest(volume_id=volume.volume_id), "INVALID_ARGUMENT"),
+        (csi_pb2.ControllerModifyVolumeRequest(volume_id="blk/vol-0000", mutable_parameters={"iscsiUnmap": "true"}),
+         "NOT_FOUND"),
+        (csi_pb2.ControllerModifyVolumeRequest(volume_id="no-such-id", mutable_parameters={"iscsiUnmap": "true"}),
+         "NOT_FOUND"),
+    ]  # fmt: skip
+    for request, code in cases:
+        assert status_of(controller.ControllerModifyVolume, request)[0].name == code, request

@@ -273,6 +273,8 @@ def test_controller_sidecars_elect_a_leader(applied: list[Obj]) -> None:
     spec = controller(applied)
     for name in CONTROLLER_SIDECARS:
         assert flag(container(spec, name), "leader-election") in ("", "true"), f"{name} without --leader-election"
+        # Not the sidecars' 10 s: a lease update that waits on a busy API server must not end the sidecar.
+        assert flag(container(spec, name), "leader-election-renew-deadline") == "40s", name
     provisioner = container(spec, "csi-provisioner")
     for wanted in ("extra-create-metadata", "enable-capacity"):
         assert flag(provisioner, wanted) == "", f"csi-provisioner without --{wanted}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -88,11 +89,17 @@ def test_references(repo: Path) -> None:
         f"registry.example.com/berth/berth:{__version__}",
         f"registry.example.com/berth/berth:lab-{berth.key}",
     )
+    assert specs.pop("launcher").refs == ("registry.example.com/berth/lab-launcher:qemu",)
     assert specs.pop("busybox").refs == (
         "registry.k8s.io/pause:3.6",
         "registry.k8s.io/pause:3.10",
         "docker.io/library/busybox:1.36",
+        "registry.k8s.io/pause:3.10.1",
+        "registry.k8s.io/e2e-test-images/busybox:1.37.0-1",
+        "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7",
+        "registry.k8s.io/e2e-test-images/nginx:1.14-4",
     )
+    assert specs.pop("agnhost").refs == ("registry.k8s.io/e2e-test-images/agnhost:2.59",)
     assert {name: s.refs for name, s in specs.items()} == {
         name: (f"registry.k8s.io/sig-storage/{name}:{version}",) for name, (_, version) in kube_build.SIDECARS.items()
     }
@@ -267,3 +274,17 @@ def test_overlay_upper_dir_becomes_a_layer_with_whiteouts(tmp_path: Path) -> Non
     rootfs = tmp_path / "b/rootfs"
     assert sorted(p.name for p in (rootfs / "keep").iterdir()) == ["a", "new"]
     assert sorted(p.name for p in (rootfs / "opaque").iterdir()) == ["fresh"]
+
+
+def test_e2e_refs_are_the_pinned_suites_own() -> None:
+    """The e2e images carry the names and tags of the pinned release's image manifest, so its pods find them."""
+    modcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True).stdout.strip()
+    manifest = Path(modcache) / f"k8s.io/kubernetes@{kube_build.KUBERNETES_VERSION}/test/utils/image/manifest.go"
+    if not manifest.is_file():
+        pytest.skip(f"{manifest} not in the Go module cache (scripts/setup builds the lab's programs)")
+    configs = dict(re.findall(r'configs\[(\w+)\] = Config\{list\.\w+, "([^"]+", "[^"]+)"\}', manifest.read_text()))
+    tag = {name: value.replace('", "', ":") for name, value in configs.items()}
+    for image in ("BusyBox", "JessieDnsutils", "Nginx"):
+        assert f"{kube_images.E2E_REPO}/{tag[image]}" in kube_images.BUSYBOX_REFS
+    assert f"registry.k8s.io/{tag['Pause']}" in kube_images.BUSYBOX_REFS
+    assert kube_images.AGNHOST_REF == f"{kube_images.E2E_REPO}/{tag['Agnhost']}"

@@ -1,5 +1,5 @@
-"""Worker lanes (issue #13 items 5 and 15): with every Controller worker busy, Probe, NodeGetInfo and node calls
-still answer at once; with every Node worker busy, controller calls do."""
+"""Worker lanes (issue #13 items 5 and 15): with every Controller worker busy, Probe, NodeGetInfo, node calls and
+SnapshotMetadata streams still answer at once; with every Node worker busy, controller calls do."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ class SlowNode(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetInfoResponse(node_id=threading.current_thread().name)
 
 
+class SnapshotMetadata(csi_pb2_grpc.SnapshotMetadataServicer):
+    def GetMetadataAllocated(self, request, context):
+        for _ in range(2):
+            yield csi_pb2.GetMetadataAllocatedResponse()
+        context.set_trailing_metadata((("thread", threading.current_thread().name),))
+
+
 @pytest.fixture
 def server(tmp_path):
     stuck = Stuck()
@@ -64,6 +71,7 @@ def server(tmp_path):
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
             lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+            lambda s: csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadata(), s),
         ],
         ServerOptions(workers=WORKERS),
     )
@@ -106,3 +114,16 @@ def test_controller_calls_answer_while_every_node_worker_is_busy(server):
     pending.append(create.future(csi_pb2.CreateVolumeRequest(name="x"), timeout=10))
     assert stuck.started.acquire(timeout=2), "in all-in-one mode controller calls do not wait for node calls"
     assert csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value
+
+
+def test_snapshot_metadata_streams_run_in_their_own_lane(server):
+    """A stream goes as fast as its reader (a backup application): it must never hold a Controller worker."""
+    channel, stuck = server
+    controller = csi_pb2_grpc.ControllerStub(channel)
+    pending = fill(controller.CreateVolume, csi_pb2.CreateVolumeRequest(name="x"), stuck, 3 * WORKERS)
+    stream = csi_pb2_grpc.SnapshotMetadataStub(channel).GetMetadataAllocated(
+        csi_pb2.GetMetadataAllocatedRequest(snapshot_id="b/snap-1"), timeout=5
+    )
+    assert len(list(stream)) == 2, "the stream ran while every controller worker was busy"
+    assert dict(stream.trailing_metadata())["thread"].startswith("rpc-snapshot_metadata")
+    assert len(pending) == 3 * WORKERS

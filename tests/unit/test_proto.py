@@ -14,7 +14,8 @@ from google.protobuf import descriptor_pb2, text_format
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT_PROTO = REPO / "proto" / "csi.proto"
-DEFAULT_REFERENCE_PROTO = Path("/work/shared/reference/csi-spec-v1.12.0/csi.proto")
+# The shared reference material sits beside the checkout (../shared), wherever the clone is.
+DEFAULT_REFERENCE_PROTO = REPO.parent / "shared" / "reference" / "csi-spec-v1.12.0" / "csi.proto"
 REFERENCE_ENV = "BERTH_CSI_REFERENCE_PROTO"
 
 
@@ -100,8 +101,8 @@ def _reference_proto() -> Path:
         return path
     if not DEFAULT_REFERENCE_PROTO.is_file():
         pytest.skip(
-            f"upstream CSI v1.12.0 csi.proto not found at {DEFAULT_REFERENCE_PROTO}; "
-            f"set {REFERENCE_ENV} to its path to run this comparison"
+            f"upstream CSI v1.12.0 csi.proto not found at {DEFAULT_REFERENCE_PROTO} (../shared beside the "
+            f"checkout); set {REFERENCE_ENV} to its path to run this comparison"
         )
     return DEFAULT_REFERENCE_PROTO
 

@@ -199,3 +199,97 @@ def test_csicall_round_trip_and_error(tmp_path, capsys):
         assert csicall.main(["--endpoint", f"unix://{tmp_path}/csi.sock", "Identity.Nope"]) == 2
     finally:
         server.stop(0)
+
+
+def test_csicall_stdio_answers_each_line_and_survives_bad_ones(tmp_path, monkeypatch, capsys):
+    from csi_driver import csicall
+
+    server = start(f"unix://{tmp_path}/csi.sock", checks=[lambda: "pool missing"])
+    lines = ['{"rpc": "Identity.GetPluginInfo"}', "not json", '{"rpc": "Identity.Nope"}', '{"rpc": "Identity.Probe"}']
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    try:
+        assert csicall.main(["--endpoint", f"unix://{tmp_path}/csi.sock", "--stdio"]) == 0
+    finally:
+        server.stop(0)
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["exit"] for a in answers] == [0, 2, 2, 1]
+    assert answers[0]["body"]["name"] == "berth.test"
+    assert answers[3]["body"] == {"code": "FAILED_PRECONDITION", "details": "not ready: pool missing"}
+
+
+class Streams(csi_pb2_grpc.SnapshotMetadataServicer):
+    """GetMetadataAllocated: three messages; GetMetadataDelta: one message, then a bug, or (snapshot "slow") a wait
+    for its caller to go away."""
+
+    def __init__(self) -> None:
+        self.left = threading.Event()
+
+    def GetMetadataAllocated(self, request, context):
+        for _ in range(3):
+            yield csi_pb2.GetMetadataAllocatedResponse(volume_capacity_bytes=1)
+
+    def GetMetadataDelta(self, request, context):
+        yield csi_pb2.GetMetadataDeltaResponse(volume_capacity_bytes=1)
+        if request.base_snapshot_id == "slow":
+            self.left.wait(10)
+            return
+        raise ValueError("a bug mid-stream")
+
+
+def test_streams_are_logged_once_with_their_message_count(tmp_path):
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream=stream)
+    servicer = Streams()
+    server = CsiServer(
+        parse_endpoint(f"unix://{tmp_path}/csi.sock"),
+        [lambda s: csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(servicer, s)],
+        ServerOptions(),
+    )
+    server.start()
+    try:
+        stub = csi_pb2_grpc.SnapshotMetadataStub(grpc.insecure_channel(f"unix:{tmp_path}/csi.sock"))
+        request = csi_pb2.GetMetadataAllocatedRequest(snapshot_id="b/s", secrets={"key": "hidden-value"})
+        assert len(list(stub.GetMetadataAllocated(request, metadata=[("x-request-id", "req-7")], timeout=5))) == 3
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.GetMetadataDelta(csi_pb2.GetMetadataDeltaRequest(base_snapshot_id="b/s"), timeout=5))
+        left = stub.GetMetadataDelta(csi_pb2.GetMetadataDeltaRequest(base_snapshot_id="slow"), timeout=5)
+        next(left)
+        left.cancel()
+        deadline = time.monotonic() + 5
+        while '"code": "CANCELLED"' not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        servicer.left.set()
+    finally:
+        server.stop(0)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL and "ValueError: a bug mid-stream" in caught.value.details()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    rpcs = [r for r in records if r["msg"] == "rpc"]
+    assert [(r["method"].rsplit("/", 1)[1], r["code"], r["messages"]) for r in rpcs] == [
+        ("GetMetadataAllocated", "OK", 3), ("GetMetadataDelta", "INTERNAL", 1), ("GetMetadataDelta", "CANCELLED", 1)
+    ]  # fmt: skip
+    assert rpcs[0]["request_id"] == "req-7"
+    bug = next(r for r in records if r["msg"] == "unhandled error")
+    assert bug["request_id"] == rpcs[1]["request_id"] != "-" and "ValueError" in bug["exception"]
+    request = next(r for r in records if r["msg"] == "request")
+    assert request["request_id"] == "req-7" and "hidden-value" not in stream.getvalue()
+
+
+def test_csicall_prints_a_stream_and_what_came_before_its_error(tmp_path, capsys):
+    from csi_driver import csicall
+
+    server = CsiServer(
+        parse_endpoint(f"unix://{tmp_path}/csi.sock"),
+        [lambda s: csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(Streams(), s)],
+        ServerOptions(),
+    )
+    server.start()
+    endpoint = f"unix://{tmp_path}/csi.sock"
+    try:
+        answer = csicall.call(endpoint, "SnapshotMetadata.GetMetadataAllocated", {"snapshot_id": "b/s"})
+        assert answer == {"responses": [{"volume_capacity_bytes": "1"}] * 3}
+        argv = ["--endpoint", endpoint, "SnapshotMetadata.GetMetadataDelta", '{"base_snapshot_id": "x"}']
+        assert csicall.main(argv) == 1
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["responses"] == [{"volume_capacity_bytes": "1"}] and printed["code"] == "INTERNAL"
+    finally:
+        server.stop(0)

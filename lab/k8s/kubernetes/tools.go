@@ -1,6 +1,7 @@
 //go:build tools
 
-// The Kubernetes programs the lab cluster runs, pinned by this module's go.mod.
+// The Kubernetes programs the lab cluster runs, and the e2e suite with its agnhost image, pinned by this
+// module's go.mod.
 package tools
 
 import (
@@ -10,4 +11,6 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
 	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/test/e2e"
+	_ "k8s.io/kubernetes/test/images/agnhost"
 )

@@ -38,8 +38,9 @@ def vm_dir(name: str) -> Path:
     return ROOT / name
 
 
-def qemu_argv(name: str, disk: str, incoming: int | None = None) -> list[str]:
-    """The same argv on source and target (a migration needs identical devices); only -incoming differs."""
+def qemu_argv(name: str, disk: str, incoming: int | None = None, daemonize: bool = True) -> list[str]:
+    """The same argv on source and target (a migration needs identical devices); only -incoming differs.
+    A launcher pod (tests/k8s/test_migration.py) runs it with daemonize=False: qemu is its container's process."""
     d = vm_dir(name)
     argv = [
         QEMU, "-name", f"berth-vm-{name}", "-accel", "tcg", "-machine", "pc", "-nodefaults", "-no-user-config",
@@ -48,8 +49,10 @@ def qemu_argv(name: str, disk: str, incoming: int | None = None) -> list[str]:
         "-drive", f"file={disk},format=raw,if=virtio,cache=none",
         "-serial", f"file:{d / 'serial.log'}",
         "-qmp", f"unix:{d / 'qmp.sock'},server=on,wait=off",
-        "-daemonize", "-pidfile", str(d / "qemu.pid"),
+        "-pidfile", str(d / "qemu.pid"),
     ]  # fmt: skip
+    if daemonize:
+        argv.append("-daemonize")
     if incoming is not None:
         argv += ["-incoming", f"tcp:0.0.0.0:{incoming}"]
     return argv
@@ -127,11 +130,14 @@ def serial(name: str) -> dict:
 def wait(name: str, gen: int, timeout: float) -> dict:
     """Poll the serial log (in this process: a shell loop would slow the nested VM) until generation `gen`."""
     deadline = time.monotonic() + timeout
+    # A launcher pod's container runs before its QEMU has written the pidfile: a VM without one yet is starting.
+    starting_until = time.monotonic() + min(timeout, 60)
     started = time.time()
     while True:
         state = serial(name)
         gens = state["generations"]
-        if state["errors"] or (gens and gens[-1] >= gen) or not state["alive"]:
+        gone = not state["alive"] and (pid(name) is not None or time.monotonic() > starting_until)
+        if state["errors"] or (gens and gens[-1] >= gen) or gone:
             return {**state, "waited": round(time.time() - started, 2)}
         if time.monotonic() > deadline:
             raise VMError(f"{name}: generation {gen} not reached in {timeout:.0f}s (last {gens[-1:]}, {state})")

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -40,6 +40,7 @@ class Node:
     device: str
     service: NodeService
     volumes: NodeVolumes
+    extend_errors: list[Exception] = field(default_factory=list)  # os-brick's extend_volume raises these first
 
     def make_service(self) -> NodeService:
         """A fresh plugin process on the same host: same state dir, same devices, no memory."""
@@ -58,6 +59,7 @@ def build(root: str, system: FakeSystem, node: Node | None = None):
 
     def factory(multipath: bool) -> FakeConnector:
         connector = FakeConnector(device=node.device, wwn="3" + WWN, log=node.connector_log)
+        connector.extend_errors = node.extend_errors
         node.connectors.append(connector)
         return connector
 
@@ -68,6 +70,7 @@ def build(root: str, system: FakeSystem, node: Node | None = None):
         factory,
         by_id_dir=os.path.join(root, "by-id"),
         sys_block_dir=os.path.join(root, "sys"),
+        dev_dir=os.path.join(root, "dev"),
         sweep_locks=lambda: node.connector_log.append(("sweep locks",)),
         multipath_wait=0.0,
     )

@@ -147,6 +147,7 @@ class FakeConnector:
         self.log: list[tuple] = log if log is not None else []
         self.connect_error: Exception | None = None
         self.disconnect_error: Exception | None = None
+        self.extend_errors: list[Exception] = []  # raised one per extend_volume call, in order
 
     def connect_volume(self, connection_properties: dict) -> dict:
         self.log.append(("connect", connection_properties))
@@ -161,4 +162,6 @@ class FakeConnector:
 
     def extend_volume(self, connection_properties: dict) -> int:
         self.log.append(("extend", connection_properties))
+        if self.extend_errors:
+            raise self.extend_errors.pop(0)
         return 0

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from csi_driver.node.commands import Result
@@ -8,8 +10,10 @@ from csi_driver.node.iscsi import (
     normalize_wwn,
     targets_from_publish_context,
 )
+from csi_driver.node.stage_record import StageRecord
 
 from .conftest import WWN
+from .fakes import FakeConnector
 
 
 def test_single_portal_uses_singular_keys_and_chap():
@@ -79,6 +83,18 @@ def test_wrong_wwn_detaches_and_refuses(node):
     assert node.connector_log[1][3] is True  # force
 
 
+def test_a_t10_designator_from_os_brick_is_checked_against_the_kernels_wwid(node):
+    os.makedirs(os.path.join(node.root, "sys", "sdb", "device"))
+    with open(os.path.join(node.root, "sys", "sdb", "device", "wwid"), "w") as f:
+        f.write(f"naa.{WWN}\n")
+    iscsi = node.volumes.protocols["iscsi"]
+    # os-brick answering with the LUN's T10 vendor designator instead of its NAA WWN
+    t10 = "1lio-org_iblock:b0bfba3e-6de0-3abb-bef9"
+    iscsi.connector_factory = lambda multipath: FakeConnector(node.device, t10, node.connector_log)
+    device = iscsi.attach(dict(PROPS), False, WWN, {})
+    assert device.wwn == WWN and [e[0] for e in node.connector_log] == ["connect"]
+
+
 def _login_answers(rc: int):
     def handler(args):
         if args[-1] == "--login":
@@ -117,3 +133,45 @@ def test_passwords_are_masked_in_command_errors():
     err = CommandFailed(argv, 1, "boom")
     assert "s3cret" not in str(err) and "***" in str(err)
     assert masked(["iscsiadm", "-n", "node.session.auth.username", "-v", "user"])[-1] == "user"
+
+
+def _multipath_record(node) -> StageRecord:
+    return StageRecord("lab/vol-1", "iscsi", "/staging", "block", connection_properties=dict(PROPS),
+                       device_path=node.device, wwn=WWN, multipath=True)  # fmt: skip
+
+
+def _map(node) -> str:
+    """The volume's multipath map dm-0, as udev and sysfs show it."""
+    map_device = os.path.join(node.root, "dm-0")
+    open(map_device, "w").close()
+    os.symlink(map_device, os.path.join(node.by_id, f"dm-uuid-mpath-3{WWN}"))
+    os.makedirs(os.path.join(node.root, "sys", "dm-0", "dm"))
+    with open(os.path.join(node.root, "sys", "dm-0", "dm", "name"), "w") as f:
+        f.write(f"3{WWN}\n")
+    return map_device
+
+
+def test_a_multipath_detach_flushes_through_its_map(node):
+    map_device = _map(node)
+    node.volumes.protocols["iscsi"].detach(_multipath_record(node), map_device)
+    assert node.system.commands("multipath") == [["multipath", "-f", f"3{WWN}"]]
+    assert [e[3] for e in node.connector_log if e[0] == "disconnect"] == [False]  # force
+
+
+def test_a_map_still_in_use_for_a_moment_is_flushed_again_within_seconds(node, monkeypatch):
+    # os-brick's own flush would retry after 20 and then 40 s (the lab saw a 63 s NodeUnstage).
+    monkeypatch.setattr("csi_driver.node.iscsi.MAP_FLUSH_INTERVAL", 0.0)
+    map_device = _map(node)
+    busy = iter([Result(1, "", "map in use"), Result(1, "", "map in use")])
+    node.system.handlers.append(lambda argv: next(busy, None) if argv[0] == "multipath" else None)
+    node.volumes.protocols["iscsi"].detach(_multipath_record(node), map_device)
+    assert len(node.system.commands("multipath")) == 3
+    assert node.system.commands("udevadm") == [["udevadm", "settle", "--timeout=10"]] * 3
+    assert [e[0] for e in node.connector_log] == ["disconnect", "sweep locks"]
+
+
+def test_a_multipath_detach_that_failed_half_way_is_finished_by_force(node):
+    # The map was flushed and removed, a path device is left: nothing is left to flush, and os-brick's flush of that
+    # dying path (ENXIO) would fail every non-forced retry.
+    node.volumes.protocols["iscsi"].detach(_multipath_record(node), node.device)
+    assert [e[3] for e in node.connector_log if e[0] == "disconnect"] == [True]  # force

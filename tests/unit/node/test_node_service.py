@@ -4,6 +4,7 @@ import grpc
 import pytest
 
 from csi_driver.csi import csi_pb2
+from csi_driver.node import iscsi
 from csi_driver.node.stage_record import RecordStore
 
 from .conftest import WWN, Aborted
@@ -275,6 +276,25 @@ def test_expand_rescans_and_grows(node, context):
     assert response.capacity_bytes == 20 << 30
     assert [c for c in node.connector_log if c[0] == "extend"]
     assert ["resize2fs", "--", node.device] in node.system.calls
+
+
+def test_expand_tries_the_rescan_again_while_a_path_is_not_up_yet(node, context, monkeypatch):
+    """Right after a stage under load a path may not read yet, and os-brick refuses to rescan until all do."""
+    monkeypatch.setattr(iscsi, "EXPAND_RETRY_INTERVAL", 0)
+    node.service.NodeStageVolume(stage_request(node), context)
+    node.extend_errors.extend([RuntimeError("All paths need to be up to extend the device.")] * 2)
+    request = csi_pb2.NodeExpandVolumeRequest(volume_id=VOL, volume_path=os.path.join(node.root, "staging"))
+    node.service.NodeExpandVolume(request, context)
+    assert len([c for c in node.connector_log if c[0] == "extend"]) == 3
+
+
+def test_expand_gives_up_on_a_rescan_that_keeps_failing(node, context, monkeypatch):
+    monkeypatch.setattr(iscsi, "EXPAND_RETRY_WINDOW", 0)
+    node.service.NodeStageVolume(stage_request(node), context)
+    node.extend_errors.append(RuntimeError("All paths need to be up to extend the device."))
+    request = csi_pb2.NodeExpandVolumeRequest(volume_id=VOL, volume_path=os.path.join(node.root, "staging"))
+    code, details = code_of(node.service.NodeExpandVolume, request, context)
+    assert code == grpc.StatusCode.INTERNAL and "All paths need to be up" in details
 
 
 def test_expand_unknown_volume_not_found(node, context):

@@ -43,6 +43,16 @@ def test_multipath_stage_records_the_map_when_os_brick_returns_one_path(node, co
     assert RecordStore(os.path.join(node.root, "state")).load(VOL).device_path == dm
 
 
+def test_multipath_stage_finds_a_map_udev_has_not_linked_yet(node, context):
+    dm = add_multipath_map(node)
+    os.unlink(os.path.join(node.by_id, f"dm-uuid-mpath-3{WWN}"))  # a loaded udev is behind: only sysfs knows
+    os.makedirs(os.path.join(node.root, "sys", "dm-3", "dm"))
+    with open(os.path.join(node.root, "sys", "dm-3", "dm", "uuid"), "w") as f:
+        f.write(f"mpath-3{WWN}\n")
+    stage_multipath(node, context)
+    assert RecordStore(os.path.join(node.root, "state")).load(VOL).device_path == dm
+
+
 def test_multipath_stage_without_a_map_fails_and_logs_out(node, context):
     code, details = code_of(
         node.service.NodeStageVolume, stage_request(node, block=True, publish_context=TWO_PORTALS), context

@@ -7,14 +7,21 @@ Also importable as `rtslib_fb` (copied onto PYTHONPATH) for the end-to-end subpr
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 STATE: dict = {}
 # Set False to emulate kernels without the per-ACL 'authentication' attribute (< 5.19).
 ACL_AUTH_ATTRIBUTE = True
 
 
+# rtslib_fb.tcm's per-process map of backstore indexes (name -> index), filled from configfs when empty.
+tcm = SimpleNamespace(bs_cache={})
+
+
 def reset() -> None:
     STATE.clear()
     STATE.update(targets={}, storage={}, saves=[], dumps=[])
+    tcm.bs_cache.clear()
 
 
 reset()
@@ -214,7 +221,9 @@ class BlockStorageObject(_Node):
     def __init__(self, name, dev=None, wwn=None, readonly=False, write_back=False, index=None):
         _mode(name in STATE["storage"], "create" if dev else "lookup", f"storage object {name}")
         if dev:
-            STATE["storage"][name] = {"dev": dev, "wwn": wwn or "generated-serial", "attrs": {}}
+            # As the kernel makes a block backstore: UNMAP emulation off.
+            attrs = {"emulate_tpu": "0", "emulate_tpws": "0"}
+            STATE["storage"][name] = {"dev": dev, "wwn": wwn or "generated-serial", "attrs": attrs}
         self.name = name
         self._d = STATE["storage"][name]
         super().__init__()
@@ -236,7 +245,10 @@ class BlockStorageObject(_Node):
 
     def dump(self):
         STATE["dumps"].append(self.name)
-        return {"name": self.name, "plugin": "block", "dev": self._d["dev"], "wwn": self._d["wwn"]}
+        return {
+            "name": self.name, "plugin": "block", "dev": self._d["dev"], "wwn": self._d["wwn"],
+            "attributes": dict(self._d["attrs"]),
+        }  # fmt: skip
 
 
 class RTSRoot:

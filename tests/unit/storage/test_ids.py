@@ -80,3 +80,20 @@ def test_names_with_a_trailing_newline_are_refused_on_both_sides():
         nfs_host.check_name("vol-0123\n")
     with pytest.raises(nfs_host.RequestError):
         nfs_host.check_node_id("iqn.2026-11.io.berth.lab:n|198.18.0.11\n")
+
+
+VOL_A, VOL_B = "vol-0123456789abcdef0123", "vol-fedcba9876543210fedc"
+
+
+def test_group_names_are_per_backend_and_members_never_collide_with_snapshots():
+    group_snapshot_key, member_snapshot_lv_name, snapshot_lv_name = (
+        ids.group_snapshot_key,
+        ids.member_snapshot_lv_name,
+        ids.snapshot_lv_name,
+    )
+    assert group_snapshot_key("a", "g").startswith("grp-")
+    assert group_snapshot_key("a", "g") != group_snapshot_key("b", "g")
+    member = member_snapshot_lv_name("a", "g", VOL_A)
+    assert member.startswith("snap-") and member == member_snapshot_lv_name("a", "g", VOL_A)
+    assert member not in {member_snapshot_lv_name("a", "g", VOL_B), member_snapshot_lv_name("a", "h", VOL_A)}
+    assert member != snapshot_lv_name("a", "g") and member != snapshot_lv_name("a", f"g {VOL_A}")

@@ -68,6 +68,7 @@ def test_export_sends_program_and_json_on_stdin():
             "device": DEV,
             "serial": ids.volume_serial(VOL),
             "portals": ["198.18.0.2:3260"],
+            "unmap": True,
         }
     ]
     assert info.target_iqn == target and info.lun == 0
@@ -205,7 +206,9 @@ def host_env(tmp_path):
         BERTH_LIO_LOCK=str(tmp_path / "lio.lock"),
         BERTH_LIO_SAVE_FILE=str(tmp_path / "saveconfig.json"),
     )
-    return LocalRunner(env=env)
+    runner = LocalRunner(env=env)
+    yield runner
+    runner.close()
 
 
 def test_end_to_end_batch_in_one_process(host_env):
@@ -215,10 +218,22 @@ def test_end_to_end_batch_in_one_process(host_env):
     )
     assert info.portals == ("198.18.0.2:3260", "[fd00::2]:3261")
     assert info.serial == ids.volume_serial(VOL)
-    # Each process starts from an empty fake: state does not persist, but transport and parsing are real.
-    assert lio.list_exports() == []
-    with pytest.raises(NotFound):
-        lio.list_initiators(VOL)
+    # The fake keeps its state in the process: the resident host program answered both requests.
+    assert [e.volume for e in lio.list_exports()] == [VOL]
+    assert [i.initiator for i in lio.list_initiators(VOL)] == [NODE]
+
+
+def test_end_to_end_one_shot_when_the_resident_program_is_busy(host_env):
+    """A request that finds the resident program busy runs in a process of its own (a fresh, empty fake)."""
+    lio = LioTargets(host_env, PREFIX, python=sys.executable)
+    lio.export(VOL, DEV, ["198.18.0.2"])
+    argv = [sys.executable, "-c", host_program()]
+    host_env.resident._busy.add(tuple(argv))
+    try:
+        assert lio.list_exports() == []
+    finally:
+        host_env.resident._busy.discard(tuple(argv))
+    assert [e.volume for e in lio.list_exports()] == [VOL]
 
 
 def test_end_to_end_without_rtslib(tmp_path):

@@ -3,6 +3,8 @@
 import ast
 import io
 import json
+import re
+import subprocess
 from importlib import resources
 
 import pytest
@@ -57,6 +59,7 @@ def test_module_is_self_contained():
         "json",
         "os",
         "re",
+        "subprocess",
         "sys",
         "time",
         "collections",
@@ -222,6 +225,13 @@ def call(*ops, save=True):
 
 def tpg(state):
     return state["targets"][T]["tpgs"][1]
+
+
+def test_each_request_rereads_the_backstore_indexes(rts):
+    """A resident lio_host outlives other writers of configfs; rtslib's index map from before would be stale."""
+    fake_rtslib_fb.tcm.bs_cache["iblock/vol-written-by-someone-else"] = 0
+    assert call(export_op())["ok"]
+    assert "iblock/vol-written-by-someone-else" not in fake_rtslib_fb.tcm.bs_cache
 
 
 def test_export_builds_the_layout_and_is_idempotent(rts):
@@ -424,3 +434,83 @@ def test_operations_after_the_budget_are_not_started(rts):
     assert response["error"]["kind"] == "busy" and response["error"]["op_index"] == 1
     assert T in rts["targets"] and tpg(rts)["acls"] == {}
     assert rts["saves"], "what the first operation did is still saved"
+
+
+# --- UNMAP emulation (the iscsiUnmap mutable parameter) ---
+
+
+def test_export_applies_unmap_and_a_later_export_restores_what_the_volume_asks(rts):
+    call(export_op(unmap=False))
+    assert rts["storage"][VOL]["attrs"] == {"emulate_tpu": "0", "emulate_tpws": "0"}
+    rts["storage"][VOL]["attrs"]["emulate_tpu"] = "1"  # e.g. a modify the tags never recorded
+    resp = call(export_op(unmap=False))
+    assert resp["results"][0]["changed"] and rts["storage"][VOL]["attrs"]["emulate_tpu"] == "0"
+
+
+def test_configure_switches_unmap_live_and_saves_it(rts):
+    call(export_op(), add_op())
+    assert call({"op": "configure", "volume": VOL, "target": T, "unmap": False})["results"][0]["changed"]
+    assert rts["storage"][VOL]["attrs"] == {"emulate_tpu": "0", "emulate_tpws": "0"}
+    assert tpg(rts)["acls"], "the node keeps its ACL: no detach"
+    saved = json.loads(open(lio_host.SAVE_FILE_OVERRIDE).read())
+    (backstore,) = saved["storage_objects"]
+    assert backstore["attributes"]["emulate_tpu"] == "0", "a restore at boot would bring UNMAP back"
+    again = call({"op": "configure", "volume": VOL, "target": T, "unmap": False})
+    assert again["results"][0]["changed"] is False
+
+
+def test_configure_of_a_volume_never_exported_changes_nothing(rts):
+    resp = call({"op": "configure", "volume": VOL, "target": T, "unmap": True})
+    assert resp["ok"] and resp["results"][0]["changed"] is False and rts["storage"] == {}
+
+
+def test_configure_needs_a_boolean(rts):
+    resp = call({"op": "configure", "volume": VOL, "target": T, "unmap": "yes"})
+    assert resp["error"]["kind"] == "invalid" and "unmap" in resp["error"]["message"]
+
+
+# --- fences: a group snapshot's common instant (docs/group-snapshots.md) ---
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def timers(rts, monkeypatch, tmp_path):
+    monkeypatch.setattr(lio_host, "FENCE_DIR", str(tmp_path / "fences"))
+    commands: list[list[str]] = []
+    monkeypatch.setattr(
+        lio_host, "run_command", lambda argv: commands.append(argv) or subprocess.CompletedProcess(argv, 0, "", "")
+    )
+    return commands
+
+
+def test_a_fence_disables_the_targets_after_arming_the_timer_that_lifts_it(rts, timers):
+    call(export_op(), add_op())
+    fenced = call({"op": "fence", "targets": [T, "iqn.2026-11.io.berth.storage:vol-never-published"],
+                   "token": TOKEN, "seconds": 60})  # fmt: skip
+    assert fenced["results"][0] == {"fenced": [T]}  # a volume published nowhere has no target: nothing to fence
+    assert rts["targets"][T]["tpgs"][1]["enable"] is False
+    (timer,) = timers
+    assert timer[:6] == ["systemd-run", "--quiet", "--collect", f"--unit=berth-unfence-{TOKEN}", "--on-active=60s",
+                         "--timer-property=AccuracySec=1s"]  # fmt: skip
+    assert timer[6:] == ["sh", "-c", lio_host.ENABLE_SCRIPT, "sh", f"/sys/kernel/config/target/iscsi/{T}/tpgt_1/enable"]
+    assert rts["saves"] == [None], "a fence is never saved: a reboot brings the targets back enabled"
+
+    assert call({"op": "unfence", "token": TOKEN})["results"][0] == {"unfenced": [T]}
+    assert rts["targets"][T]["tpgs"][1]["enable"] is True
+    assert timers[-1] == ["systemctl", "stop", f"berth-unfence-{TOKEN}.timer"]
+    assert call({"op": "unfence", "token": TOKEN})["results"][0] == {"unfenced": []}  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("op", "message"),
+    [
+        ({"op": "fence", "targets": [], "token": TOKEN, "seconds": 60}, "targets must be a list of 1..256"),
+        ({"op": "fence", "targets": [T], "token": "ABC", "seconds": 60}, "token must be 16 to 64 lowercase hex"),
+        ({"op": "fence", "targets": [T], "token": TOKEN, "seconds": 0}, "seconds must be an integer from 1 to 600"),
+        ({"op": "unfence", "token": "../../etc/passwd"}, "token must be"),
+    ],
+)
+def test_fence_requests_are_validated(op, message):
+    with pytest.raises(lio_host.RequestError, match=re.escape(message)):
+        lio_host.validate_op(op)

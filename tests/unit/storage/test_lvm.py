@@ -3,6 +3,7 @@ import json
 import pytest
 
 from csi_driver.storage import tags
+from csi_driver.storage.backend import LvmBackend, by_pool, publications_of
 from csi_driver.storage.errors import (
     AlreadyExists,
     Busy,
@@ -16,6 +17,7 @@ from csi_driver.storage.errors import (
 )
 from csi_driver.storage.lvm import LvInfo, ThinPool, classify_lvm_error, parse_report, round_up
 
+from ..fakes import FakeExporter
 from .fakes import FakeRunner, lv_row, lvs_json, vgs_json
 
 MiB = 1024 * 1024
@@ -339,6 +341,33 @@ def test_update_meta_adds_and_deletes_tags():
     assert argv[-1] == f"berth/{LV}"
 
 
+def test_update_meta_from_the_callers_copy_runs_only_lvchange():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvchange")
+    current = LvInfo.from_row(lv_row(LV, tags=(*tags.encode_tags({"name": "x", "state": "creating"}), "foreign")))
+    updated = pool.update_meta(LV, {"state": "ready", "pub.n1": "rw"}, current)
+    assert r.argvs("lvs") == [] and len(r.argvs("lvchange")) == 1
+    assert updated.meta == {"name": "x", "state": "ready", "pub.n1": "rw"}
+    assert "foreign" in updated.tags, "tags Berth does not own stay"
+    assert (updated.size_bytes, updated.attr) == (current.size_bytes, current.attr)
+
+
+def test_backends_sharing_a_pool_count_publications_with_one_lvs():
+    r = FakeRunner()
+    pool = pool_with(r)
+    rows = [
+        lv_row(f"vol-{backend}", tags=tags.encode_tags({"kind": "volume", "backend": backend, **pub}))
+        for backend, pub in [("a", {"pub.n1": "rw"}), ("b", {"pub.n1": "ro"}), ("b", {}), ("other", {"pub.n1": "rw"})]
+    ]
+    r.on("lvs", stdout=lvs_json(*rows))
+    a, b = (LvmBackend(name, pool, FakeExporter()) for name in ("a", "b"))
+    elsewhere = LvmBackend("c", ThinPool(FakeRunner(), "berth", "pool"), FakeExporter())
+    groups = by_pool([a, elsewhere, b])
+    assert groups == [[a, b], [elsewhere]]
+    assert publications_of(groups[0], "n1") == 2 and len(r.argvs("lvs")) == 1
+
+
 def test_update_meta_no_change_runs_nothing():
     r = FakeRunner()
     pool = pool_with(r)
@@ -417,3 +446,72 @@ def test_clone_grows_to_requested_size():
     assert info.size_bytes == 3 * EXT
     argv = r.argvs("lvcreate")[0]
     assert argv[argv.index("--permission") + 1] == "rw"
+
+
+def test_adoption_renames_and_drops_only_berths_tags():
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvrename").on("lvchange")
+    pool.rename("vm-disk-1", LV)
+    current = LvInfo.from_row(lv_row(LV, tags=(*tags.encode_tags({"name": "x"}), "site.owner=ops")))
+    pool.drop_meta(LV, current)
+    assert r.argvs("lvrename") == [["lvrename", "berth", "vm-disk-1", LV]]
+    dropped = ["lvchange", "--deltag", tags.VERSION_TAG, "--deltag", "berth.name=x", f"berth/{LV}"]
+    assert r.argvs("lvchange") == [dropped]  # the site's own tag stays
+    with pytest.raises(InvalidRequest):
+        pool.rename("vm-disk-1", "-rf")
+
+
+@pytest.mark.parametrize("needs_prepare", [False, True])
+def test_create_volume_reads_the_pool_once(needs_prepare: bool):
+    """One lvs (the pool and its LVs) stands for the lookup, the capacity and the promised sizes, and a fresh
+    volume that needs no preparing (iSCSI) is created ready: no lvchange from creating to ready."""
+    r = FakeRunner()
+    pool = pool_with(r)
+    made: dict[str, str] = {}
+    pool_row = lv_row("pool", 10 * 1024 * MiB, attr="twi-aotz--", pool="")
+
+    def lvs(argv, _):
+        if "--select" in argv:
+            assert argv[argv.index("--select") + 1] == "pool_lv=pool || lv_name=pool"
+            return 0, lvs_json(pool_row, *([lv_row(LV, 4 * EXT, made["tags"].split(","))] if made else [])), ""
+        return 0, lvs_json(lv_row(LV, 4 * EXT, made["tags"].split(","))), ""  # the new LV, read back
+
+    def lvcreate(argv, _):
+        made["tags"] = ",".join(argv[i + 1] for i, a in enumerate(argv) if a == "--addtag")
+        return 0, "", ""
+
+    r.on_call("lvs", responder=lvs).on_call("lvcreate", responder=lvcreate).on("lvchange")
+    exporter = FakeExporter()
+    exporter.fresh_needs_prepare = needs_prepare
+    volume = LvmBackend("lab", pool, exporter).create_volume("pvc-1", 4 * EXT, 0, {}, None)
+    assert volume.size_bytes == 4 * EXT
+    names = [argv[0] for argv in r.argvs()]
+    assert names == ["lvs", "vgs", "lvcreate", "lvs", *(["lvchange"] if needs_prepare else [])], names
+    assert len(exporter.prepared) == (1 if needs_prepare else 0)
+    state = tags.decode_tags(made["tags"].split(","))["state"]
+    assert state == ("creating" if needs_prepare else "ready")
+
+
+def test_the_pool_view_splits_the_pool_from_its_lvs():
+    r = FakeRunner()
+    pool = pool_with(r)
+    row = lv_row("pool", 10 * 1024 * MiB, attr="twi-aotz--", pool="", data_percent="25.00")
+    r.on("lvs", stdout=lvs_json(row, lv_row(LV, 4 * EXT, tags.encode_tags({"kind": "volume"}))))
+    view = pool.view()
+    assert view.capacity.used_bytes == 10 * 1024 * MiB // 4
+    assert list(view.lvs) == [LV] and view.find("pool") is None
+    assert [i.name for i in view.list({"kind": "volume"})] == [LV] and view.list({"kind": "snapshot"}) == []
+    r.on("lvs", stdout=lvs_json(lv_row(LV, 4 * EXT)))  # the VG is there, the pool is not
+    with pytest.raises(HostNotReady):
+        pool.view()
+
+
+def test_thin_ids_are_read_with_every_lv():
+    """The thin device id (lvs -o thin_id) names the LV in the pool's metadata (snapshot metadata, thin_delta)."""
+    r = FakeRunner()
+    pool = pool_with(r)
+    r.on("lvs", stdout=lvs_json(lv_row(LV, EXT, thin_id="17")))
+    assert pool.get(LV).thin_id == 17
+    assert "thin_id" in r.argvs("lvs")[0][r.argvs("lvs")[0].index("-o") + 1].split(",")
+    assert LvInfo.from_row(lv_row("pool", attr="twi-aotz--", pool="")).thin_id is None  # not a thin LV

@@ -292,3 +292,22 @@ def test_host_lock_wait_ends_before_the_controller_gives_up():
     request (the timeout kills only the local ssh). Every NFS timeout leaves the host's lock wait plus the program's
     start inside it; an operation that got the lock holds it, so a later request on the volume runs after it."""
     assert nfs_host.LOCK_WAIT_SECONDS + HOST_START_MARGIN <= NFS_TIMEOUT <= PREPARE_TIMEOUT
+
+
+def test_mutable_parameters_replace_their_group_of_export_options():
+    """nfsSquash and nfsSync replace what nfsExportOptions (or the config) says about squashing and sync; the
+    rest (anonuid, no_subtree_check) stays, and ModifyVolume sends the result to the host for live exports."""
+    runner = answering(OK, OK)
+    exporter = NfsExporter(runner, "198.18.0.2")
+    meta = {
+        **tags.params_to_meta({"nfsExportOptions": "sync,all_squash,anonuid=107"}),
+        **tags.params_to_meta({"nfsSquash": "no_root_squash", "nfsSync": "false"}, tags.MUTABLE_PREFIX),
+    }
+    volume = LvInfo.from_row(lv_row(LV, vg=VG, tags=tags.encode_tags(meta)))
+    exporter.publish(volume, NODE1, False, {})
+    exporter.modify(volume)
+    publish, modify = sent(runner)
+    assert publish["options"] == modify["options"] == "anonuid=107,async,no_root_squash"
+    assert modify["op"] == "reconfigure" and modify["lv"] == LV
+    plain = LvInfo.from_row(lv_row(LV, vg=VG))
+    assert exporter.export_options_of(plain) == nfs_host.DEFAULT_OPTIONS.removeprefix("rw,"), "untouched by default"

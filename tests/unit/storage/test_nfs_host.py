@@ -39,6 +39,7 @@ class FakeSystem:
         self.etab: dict[tuple[str, str], str] = {}  # (client, path) → options
         self.frozen: set[str] = set()
         self.busy: set[str] = set()
+        self.busy_umounts = 0  # the next umounts of any path that fail as busy (nfsd not yet letting go)
         (tmp / "etc").mkdir(parents=True)
         (tmp / "etc" / "fstab").write_text(OTHER_FSTAB)
         self.host = h.Host(
@@ -48,6 +49,9 @@ class FakeSystem:
             mountinfo=str(tmp / "mountinfo"),
             lock_dir=str(tmp / "locks"),
             lock_wait=0.3,
+            release_wait=0.3,
+            proc_dir=str(tmp / "proc"),
+            nfsd_clients_dir=str(tmp / "proc" / "fs" / "nfsd" / "clients"),
             run=self.run,
             devno=self.devices.get,
         )
@@ -92,7 +96,8 @@ class FakeSystem:
             dev, mp = argv[-2], argv[-1]
             self.mounted[mp] = (dev, argv[argv.index("-t") + 1])
         elif prog == "umount":
-            if argv[-1] in self.busy:
+            if argv[-1] in self.busy or self.busy_umounts:
+                self.busy_umounts = max(0, self.busy_umounts - 1)
                 result = h.Result(32, "", f"umount: {argv[-1]}: target is busy.")
             else:
                 self.mounted.pop(argv[-1], None)
@@ -542,7 +547,29 @@ def test_teardown_unexports_before_umount_then_cleans_up(sim: FakeSystem):
 def test_teardown_busy_is_in_use_and_keeps_data(sim: FakeSystem):
     sim.prepare()
     sim.busy.add(sim.mp)
-    assert sim.request("teardown", vg=VG)["error"]["kind"] == "in_use"
+    # What holds it is named: a local process (cwd and an open file) and an NFS client's delegation.
+    proc = sim.tmp / "proc" / "4242"
+    (proc / "fd").mkdir(parents=True)
+    (proc / "comm").write_text("sha256sum\n")
+    os.symlink(sim.mp, proc / "cwd")
+    os.symlink(f"{sim.mp}/disk.img", proc / "fd" / "3")
+    os.symlink("/", proc / "root")
+    client = sim.tmp / "proc" / "fs" / "nfsd" / "clients" / "5"
+    client.mkdir(parents=True)
+    (client / "info").write_text('clientid: 0x13e9\naddress: "198.18.0.12:727"\nname: "Linux NFSv4.2 node2"\n')
+    devno = sim.devices[DEV]
+    sb = f"{os.major(devno):02x}:{os.minor(devno):02x}"
+    (client / "states").write_text(
+        f'- 0x01: {{ type: deleg, access: r, superblock: "{sb}:131", filename: "/from-node1" }}\n'
+        '- 0x02: { type: open, access: rw, deny: --, superblock: "fd:09:77", filename: "/other-volume" }\n'
+    )
+    cache = sim.tmp / "proc" / "net" / "rpc" / "nfsd.export"
+    cache.mkdir(parents=True)
+    (cache / "content").write_text(f"#path domain(flags)\n# {sim.mp}\t198.18.0.12(rw,root_squash)\n")
+    error = sim.request("teardown", vg=VG)["error"]
+    assert error["kind"] == "in_use"
+    holders = "process 4242 (sha256sum); nfsd's nfsd.export cache; NFS client 198.18.0.12:727: 1 deleg"
+    assert f"({holders})" in error["message"], error
     assert f"{DEV} {sim.mp}" in Path(sim.host.fstab).read_text()  # still mounted: the fstab line stays
     sim.busy.clear()
     sim.mounted.clear()
@@ -550,6 +577,24 @@ def test_teardown_busy_is_in_use_and_keeps_data(sim: FakeSystem):
     Path(sim.mp, "precious").write_text("x")  # files in the bare directory are never deleted
     result = sim.ok("teardown", vg=VG)
     assert os.path.exists(Path(sim.mp, "precious")) and result["warnings"]
+
+
+def test_teardown_waits_for_nfsd_to_let_go(sim: FakeSystem):
+    sim.prepare()
+    sim.host.release_wait = 5
+    sim.busy_umounts = 1  # busy once, as right after the last client unmounted
+    assert f"umount {sim.mp}" in sim.ok("teardown", vg=VG)["done"]
+    assert [c for c in sim.calls if c[0] == "umount"] == [["umount", sim.mp]] * 2
+
+
+def test_a_busy_teardown_flushes_nfsd_export_caches_but_never_in_a_tight_loop(sim: FakeSystem):
+    sim.prepare()
+    sim.host.release_wait = 2
+    sim.busy.add(sim.mp)  # busy for the whole wait: a flush at the start, none more within FLUSH_INTERVAL
+    sim.calls.clear()
+    assert sim.request("teardown", vg=VG)["error"]["kind"] == "in_use"
+    assert [c for c in sim.calls if c[0] == "exportfs"] == [["exportfs", "-f"]]
+    assert len([c for c in sim.calls if c[0] == "umount"]) >= 3
 
 
 def grow_steps(sim: FakeSystem) -> list[int]:
@@ -671,3 +716,60 @@ def test_run_command_is_bounded():
     assert h.run_command(["/nonexistent/berth-x"], 5).rc == 127
     with pytest.raises(h.CommandTimeoutError):
         h.run_command(["sleep", "5"], 0.2)
+
+
+def test_reconfigure_changes_the_options_of_published_nodes_only(sim: FakeSystem):
+    sim.prepare()
+    sim.publish(N1, ["198.18.0.11"])
+    sim.ok("reconfigure", options=h.check_options("async,no_root_squash"))
+    assert sim.etab == {("198.18.0.11", sim.mp): "rw,async,no_root_squash,mp"}
+    assert "# options async,no_root_squash" in (sim.exports_text() or ""), "an nfs-server restart would lose it"
+    sim.ok("unpublish", node_id=N1, addresses=["198.18.0.11"])
+    assert sim.ok("reconfigure", options="sync") == {"clients": {}, "unexported": []}
+    assert sim.exports_text() is None and sim.etab == {}, "published nowhere: nothing exported"
+
+
+# --- fences: a group snapshot's common instant (docs/group-snapshots.md) ---
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+CHAIN = "berth-fence-0123456789abcdef"
+
+
+def fence_request(sim: FakeSystem, op: str, **fields: object) -> dict:
+    return h.execute(sim.host, {"v": 1, "op": op, "export_root": sim.root, **fields})
+
+
+def test_a_fence_drops_nfs_from_the_volumes_clients_after_arming_the_timer_that_lifts_it(sim: FakeSystem):
+    sim.prepare()
+    sim.publish(N1, ["198.18.0.11", "198.18.1.11"])
+    sim.publish("iqn.2026-11.io.berth.lab:node3|fd00::13", ["fd00::13"])
+    sim.calls.clear()
+    fenced = fence_request(sim, "fence", lvs=[LV, "vol-unpublished"], token=TOKEN, thaw_after=60)
+    assert fenced == {"ok": True, "result": {"fenced": ["198.18.0.11", "198.18.1.11", "fd00::13"]}}
+    timer = ["systemd-run", "--quiet", "--collect", f"--unit={CHAIN}", "--on-active=60s",
+             "--timer-property=AccuracySec=1s", "sh", "-c", h.UNFENCE_SCRIPT, "sh", CHAIN]  # fmt: skip
+    drop = ["-p", "tcp", "--dport", "2049", "-j", "DROP"]
+    assert sim.calls == [
+        timer,
+        ["iptables", "-w", "-N", CHAIN],
+        ["iptables", "-w", "-A", CHAIN, "-s", "198.18.0.11", *drop],
+        ["iptables", "-w", "-A", CHAIN, "-s", "198.18.1.11", *drop],
+        ["iptables", "-w", "-I", "INPUT", "1", "-j", CHAIN],
+        ["ip6tables", "-w", "-N", CHAIN],
+        ["ip6tables", "-w", "-A", CHAIN, "-s", "fd00::13", *drop],
+        ["ip6tables", "-w", "-I", "INPUT", "1", "-j", CHAIN],
+    ]
+    sim.calls.clear()
+    assert fence_request(sim, "unfence", token=TOKEN)["ok"]
+    assert sim.calls == [["sh", "-c", h.UNFENCE_SCRIPT, "sh", CHAIN], ["systemctl", "stop", f"{CHAIN}.timer"]]
+
+
+def test_fence_requests_are_validated(sim: FakeSystem):
+    for fields, message in (
+        ({"lvs": [], "token": TOKEN, "thaw_after": 60}, "lvs must be a list of 1..256"),
+        ({"lvs": ["../x"], "token": TOKEN, "thaw_after": 60}, "invalid"),
+        ({"lvs": [LV], "token": "XYZ", "thaw_after": 60}, "invalid token"),
+        ({"lvs": [LV], "token": TOKEN, "thaw_after": 6000}, "thaw_after"),
+    ):
+        error = fence_request(sim, "fence", **fields)["error"]
+        assert error["kind"] == "invalid" and message in error["message"], (fields, error)

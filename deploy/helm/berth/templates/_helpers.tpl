@@ -80,6 +80,12 @@ securityContext:
   args:
     - --csi-address=/csi/csi.sock
     - --v={{ .root.Values.sidecars.logVerbosity }}
+    {{- with .root.Values.sidecars.leaderElection }}
+    - --leader-election
+    - --leader-election-lease-duration={{ .leaseDuration }}
+    - --leader-election-renew-deadline={{ .renewDeadline }}
+    - --leader-election-retry-period={{ .retryPeriod }}
+    {{- end }}
     {{- range .args }}
     - {{ . }}
     {{- end }}

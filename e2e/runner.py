@@ -1,0 +1,94 @@
+"""Kubernetes' own storage e2e suite (External Storage) against Berth in the lab cluster.
+
+`e2e.test` is built by lab.kube_build from the same wrapper module and release as the cluster; it runs on this host
+against the lab's apiserver, once per profile (one testdriver.yaml per StorageClass, in e2e/testdrivers/). Its
+pods use images the lab imported under the names the suite expects (lab.kube_images), and its node commands go
+through `exec`, which the apiserver reaches the kubelets for through lab/kubelet_proxy.py.
+
+CI runs a focused subset (CI_FOCUS) that covers every test pattern across the profiles; `--full` runs everything the
+suite selects for Berth except what cannot run here (FULL_SKIP). Berth's docs keep the counts (docs/kubernetes.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.ginkgo import ginkgo_counts
+from lab.topology import Lab
+
+TESTDRIVERS = Path(__file__).resolve().parent / "testdrivers"
+PROFILES = ("iscsi-fs", "iscsi-block", "nfs")
+FS = r"Dynamic PV \((default fs|filesystem volmode)\)"
+BLOCK = r"Dynamic PV \(block volmode\)"
+# Per profile, one regexp per spec. Together they cover provisioning, volumes, volumeMode, subPath,
+# snapshottable, provisioning from a snapshot and from a PVC, volume-expand and multiVolume, each at least once: a
+# spec takes minutes under TCG, so no pattern runs twice in CI.
+CI_FOCUS = {
+    "iscsi-fs": [
+        rf"{FS}\] subPath should support existing directory$",
+        r"Dynamic Snapshot \(delete policy\)\] snapshottable.* check deletion \(persistent\)",
+        rf"{FS}\(allowExpansion\)\] volume-expand should resize volume when PVC is edited while pod is using it",
+    ],
+    "iscsi-block": [
+        rf"{BLOCK}\] volumes should store data",
+        rf"{BLOCK}\] volumeMode should not mount / map unused volumes in a pod",
+        rf"{BLOCK}\] provisioning should provision storage with pvc data source$",
+    ],
+    "nfs": [
+        rf"{FS}\] multiVolume .*should concurrently access the single volume from pods on different node",
+        rf"{FS}\] provisioning should provision storage with snapshot data source \[",
+    ],
+}
+# Disruptive specs restart kubelets or nodes; Serial ones need the cluster to themselves (the profiles run at the
+# same time); Windows and Flaky ones are not Linux storage tests.
+FULL_SKIP = r"\[Disruptive\]|\[Serial\]|\[Feature:Windows\]|\(ntfs\)|\[Flaky\]"
+
+
+@dataclass
+class E2EResult:
+    profile: str
+    returncode: int
+    seconds: float
+    log: Path
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode != 0 or not self.counts or self.counts["Failed"] > 0
+
+    @property
+    def summary(self) -> str:
+        if not self.counts:
+            return f"e2e {self.profile}: no summary (exit {self.returncode}; see {self.log})"
+        c = self.counts
+        return (f"e2e {self.profile}: {c['Passed']} Passed | {c['Failed']} Failed | {c['Pending']} Pending | "
+                f"{c['Skipped']} Skipped in {self.seconds:.0f} s")  # fmt: skip
+
+
+def e2e_argv(lab: Lab, profile: str, full: bool, report_dir: Path) -> list[str]:
+    assert lab.cluster
+    cp = lab.cluster.control_plane
+    focus = [r"External.Storage"] if full else [rf"External.Storage.*{f}" for f in CI_FOCUS[profile]]
+    return [
+        str(cp.bin / "e2e.test"), f"--kubeconfig={cp.admin_kubeconfig}", f"--kubectl-path={cp.bin / 'kubectl'}",
+        f"-storage.testdriver={TESTDRIVERS / f'{profile}.yaml'}", "--provider=skeleton",
+        f"--report-dir={report_dir}", "--ginkgo.no-color", "--ginkgo.timeout=4h", "--ginkgo.v",
+        *(f"--ginkgo.focus={f}" for f in focus), f"--ginkgo.skip={FULL_SKIP}",
+        # Nothing runs in kube-system here (the control plane is on the host), and the suite needs no log dump.
+        "--minStartupPods=-1", "--disable-log-dump",
+    ]  # fmt: skip
+
+
+def run_e2e(lab: Lab, profile: str, out_dir: Path, full: bool = False) -> E2EResult:
+    """One profile; the suite's output goes to out_dir/<profile>.log and its JUnit to out_dir/<profile>/."""
+    report_dir = out_dir / profile
+    report_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / f"{profile}.log"
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        rc = subprocess.run(e2e_argv(lab, profile, full, report_dir), stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=report_dir).returncode  # fmt: skip
+    return E2EResult(profile, rc, time.monotonic() - t0, log, ginkgo_counts(log.read_text(errors="replace")))

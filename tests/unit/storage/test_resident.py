@@ -1,0 +1,100 @@
+"""Resident host programs (csi_driver/storage/resident.py) through a LocalRunner and a tiny real program."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from csi_driver.storage.errors import CommandFailed, CommandTimeout
+from csi_driver.storage.runner import LocalRunner, call_host_program
+
+# Answers {"pid", "mode", "n"}; "sleep" waits first, "exit" ends the process without answering. One request per
+# process without --serve, one per line with it: the contract of lio_host.py and nfs_host.py.
+PROGRAM = """
+import json, os, sys, time
+def answer(text):
+    req = json.loads(text)
+    time.sleep(req.get("sleep", 0))
+    if req.get("exit"):
+        os._exit(3)
+    print("a warning on stdout first")
+    return {"pid": os.getpid(), "mode": MODE, "n": req.get("n")}
+MODE = "serve" if sys.argv[1:] == ["--serve"] else "once"
+if MODE == "serve":
+    for line in iter(sys.stdin.readline, ""):
+        print(json.dumps(answer(line)), flush=True)
+else:
+    print(json.dumps(answer(sys.stdin.read())))
+"""
+
+
+@pytest.fixture
+def runner():
+    r = LocalRunner()
+    yield r
+    r.close()
+
+
+def call(runner: LocalRunner, timeout: float = 10, **request):
+    return call_host_program(runner, sys.executable, PROGRAM, "test", request, timeout)
+
+
+def test_one_resident_process_answers_request_after_request(runner):
+    first, second = call(runner, n=1), call(runner, n=2)
+    assert (first["mode"], second["mode"]) == ("serve", "serve")
+    assert first["pid"] == second["pid"] and second["n"] == 2
+
+
+def test_a_resident_process_that_died_is_replaced(runner):
+    pid = call(runner)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    again = call(runner)
+    assert again["mode"] == "serve" and again["pid"] != pid
+
+
+def test_a_timed_out_request_kills_the_process_and_the_next_one_starts_afresh(runner):
+    pid = call(runner)["pid"]
+    with pytest.raises(CommandTimeout):
+        call(runner, timeout=0.5, sleep=5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # a late answer can never be mistaken for the next request's
+    assert call(runner)["pid"] != pid
+
+
+def test_a_process_that_ends_after_it_got_the_request_is_an_error_not_a_retry(runner):
+    with pytest.raises(CommandFailed) as failed:
+        call(runner, exit=True)
+    assert failed.value.rc == 3
+    assert call(runner)["mode"] == "serve"
+
+
+def test_a_request_that_finds_it_busy_runs_one_shot(runner):
+    pid = call(runner)["pid"]
+    slow: dict = {}
+    thread = threading.Thread(target=lambda: slow.update(call(runner, sleep=1.5)))
+    thread.start()
+    time.sleep(0.5)
+    meanwhile = call(runner)
+    thread.join()
+    assert meanwhile["mode"] == "once" and slow["pid"] == pid
+
+
+def test_after_close_requests_run_one_shot(runner):
+    pid = call(runner)["pid"]
+    runner.close()
+    assert call(runner)["mode"] == "once"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_program_called_without_resident_always_runs_one_shot(runner):
+    """thin_metadata_host.py: called a few times a day, it must not hold an SSH session for good."""
+    once = [call_host_program(runner, sys.executable, PROGRAM, "test", {"n": n}, 10, resident=False) for n in (1, 2)]
+    assert [answer["mode"] for answer in once] == ["once", "once"] and once[0]["pid"] != once[1]["pid"]
+    assert call(runner)["mode"] == "serve", "the others still go to their resident process"

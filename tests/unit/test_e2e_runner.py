@@ -1,0 +1,42 @@
+"""e2e/runner.py: which specs each profile runs, and how its summary is read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from e2e import runner
+from lab.ginkgo import ginkgo_counts
+
+
+def test_every_profile_has_a_testdriver_and_a_ci_subset() -> None:
+    for profile in runner.PROFILES:
+        assert (runner.TESTDRIVERS / f"{profile}.yaml").is_file()
+        assert runner.CI_FOCUS[profile]
+        for focus in runner.CI_FOCUS[profile]:
+            re.compile(focus)
+
+
+def test_the_ci_subset_covers_every_pattern_the_issue_names() -> None:
+    focus = " ".join(f for fs in runner.CI_FOCUS.values() for f in fs)
+    for suite in ("provisioning", "volumes", "volumeMode", "subPath", "snapshottable", "snapshot data source",
+                  "pvc data source", "volume-expand", "multiVolume"):  # fmt: skip
+        assert suite in focus, suite
+
+
+def test_ci_focus_matches_the_suites_spec_names() -> None:
+    spec = ("External Storage [Driver: berth.csi.io] [Testpattern: Dynamic PV (default fs)] provisioning should "
+            "provision storage with pvc data source")  # fmt: skip
+    block = spec.replace("(default fs)", "(block volmode)")
+    assert any(re.search(rf"External.Storage.*{f}", block) for f in runner.CI_FOCUS["iscsi-block"])
+    assert not any(re.search(rf"External.Storage.*{f}", block + " (ROX mode)") for f in runner.CI_FOCUS["iscsi-block"])
+    assert not any(re.search(rf"External.Storage.*{f}", spec) for f in runner.CI_FOCUS["iscsi-block"])
+
+
+def test_summary_reads_the_last_ginkgo_line(tmp_path: Path) -> None:
+    log = tmp_path / "nfs.log"
+    log.write_text("Ran 5 of 7673 Specs in 300.1 seconds\nSUCCESS! -- 5 Passed | 0 Failed | 0 Pending | 7668 Skipped\n")
+    result = runner.E2EResult("nfs", 0, 301, log, ginkgo_counts(log.read_text()))
+    assert not result.failed
+    assert result.summary == "e2e nfs: 5 Passed | 0 Failed | 0 Pending | 7668 Skipped in 301 s"
+    assert runner.E2EResult("nfs", 1, 5, log, ginkgo_counts("panic: ...")).failed  # no summary: never a pass
