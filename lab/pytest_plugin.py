@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,3 +105,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         except Exception as e:  # noqa: BLE001 - never mask the test's own failure
             report.sections.append(("lab artifacts", f"collecting failed: {e}"))
     return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """One line per lab test phase in artifacts/lab/times.log as it ends, so a run cut short by a time limit
+    still shows where its time went (junit XML is written only at the end)."""
+    if not {"lab", "k8s"} & set(report.keywords) or (report.when != "call" and report.duration < 1):
+        return
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with (ARTIFACTS / "times.log").open("a") as log:
+        log.write(f"{time.strftime('%H:%M:%S')} {os.getpid()} {report.duration:7.1f}s {report.when:8} "
+                  f"{report.outcome:7} {report.nodeid}\n")  # fmt: skip
