@@ -12,7 +12,8 @@ One volume is created and published to node1 once; then each round:
 - **Bare**: one shell script on node1, timed inside the guest: what an operator types for the same attach.
   Stage: a node record per portal (`iscsiadm -m node -o new`), login on both portals, then wait for multipathd's
   map with both paths (`/dev/disk/by-id/dm-uuid-mpath-3<wwn>` with two slaves in sysfs, polled every 0.1 s).
-  Unstage: `multipath -f` of the map, logout of both portals, node records deleted.
+  Unstage: `udevadm settle`, `multipath -f` of the map (again every second while it is "in use", as Berth does),
+  logout of both portals, node records deleted.
 
 It prints medians of --rounds and their ratios, and writes JSON to artifacts/bench/node_attach.json. Not a test:
 nothing is asserted.
@@ -68,7 +69,9 @@ echo "$t0 $t1 $t2"
 BARE_UNSTAGE = r"""
 set -eu
 t0=$(date +%s%N)
-multipath -f "$(basename "$(readlink -f "/dev/disk/by-id/dm-uuid-mpath-3$WWN")")"
+NAME=$(cat "/sys/block/$(basename "$(readlink -f "/dev/disk/by-id/dm-uuid-mpath-3$WWN")")/dm/name")
+udevadm settle --timeout=10
+for try in $(seq 15); do multipath -f "$NAME" 2>/dev/null && break; sleep 1; done
 t1=$(date +%s%N)
 for p in $PORTALS; do iscsiadm -m node -T "$IQN" -p "$p" --logout >/dev/null; done
 for p in $PORTALS; do iscsiadm -m node -T "$IQN" -p "$p" -o delete >/dev/null; done
