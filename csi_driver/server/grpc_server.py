@@ -33,16 +33,34 @@ class Companion(Protocol):
     def stop(self) -> None: ...
 
 
-def listen_on_unix_socket(server: grpc.Server, path: str, mode: int) -> int:
-    """Bind server to a unix socket with the given permission bits, replacing a stale socket."""
+# A unix socket path longer than this does not fit in sockaddr_un.
+MAX_UNIX_PATH = 107
+
+
+def serve_on_unix_socket(server: grpc.Server, path: str, mode: int) -> int:
+    """Start server on a unix socket with the given permission bits, replacing a stale socket.
+
+    The socket appears at `path` only once the server accepts. gRPC binds at add_insecure_port but serves only after
+    start(); a client that connects in between has its connection reset, and the CSI sidecars (csi-lib-utils) exit
+    with "Lost connection to CSI driver" when their first connection drops. So the server binds a hidden sibling
+    (kubelet's plugin watcher ignores names starting with '.'), starts, and the socket is renamed into place.
+    """
     prepare_unix_socket(path)
+    directory, name = os.path.split(path)
+    hidden = os.path.join(directory, f".{name}.new")
+    bind_path = hidden if len(hidden) <= MAX_UNIX_PATH else path
+    if bind_path != path:
+        prepare_unix_socket(bind_path)  # left by a run that died between bind and rename
     # Create the socket with the final mode: no window in which others could connect.
     previous_umask = os.umask(0o777 & ~mode)
     try:
-        port = server.add_insecure_port(f"unix:{path}")
+        port = server.add_insecure_port(f"unix:{bind_path}")
     finally:
         os.umask(previous_umask)
-    os.chmod(path, mode)
+    os.chmod(bind_path, mode)
+    server.start()
+    if bind_path != path:
+        os.rename(bind_path, path)
     return port
 
 
@@ -81,10 +99,10 @@ class CsiServer:
 
     def start(self) -> None:
         if self.endpoint.scheme == "unix":
-            self.port = listen_on_unix_socket(self._server, self.endpoint.address, self.options.socket_mode)
+            self.port = serve_on_unix_socket(self._server, self.endpoint.address, self.options.socket_mode)
         else:
             self.port = self._server.add_insecure_port(self.endpoint.grpc_address)
-        self._server.start()
+            self._server.start()
         log.info("listening", extra={"endpoint": str(self.endpoint), "workers": self.options.workers})
         try:
             for companion in self.companions:

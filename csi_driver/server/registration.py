@@ -14,7 +14,7 @@ from concurrent import futures
 import grpc
 
 from csi_driver.kubelet import pluginregistration_pb2, pluginregistration_pb2_grpc
-from csi_driver.server.grpc_server import listen_on_unix_socket
+from csi_driver.server.grpc_server import serve_on_unix_socket
 
 log = logging.getLogger("berth.registration")
 
@@ -69,8 +69,7 @@ class KubeletRegistration:
         # kubelet makes two calls, one after the other.
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="registration"))
         pluginregistration_pb2_grpc.add_RegistrationServicer_to_server(self.service, server)
-        listen_on_unix_socket(server, self.socket_path, self.socket_mode)
-        server.start()
+        serve_on_unix_socket(server, self.socket_path, self.socket_mode)
         self._server = server
         log.info(
             "registration socket listening",

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import pytest
 
 from csi_driver.csi import csi_pb2, csi_pb2_grpc
 from csi_driver.server.endpoint import EndpointError, parse_endpoint
-from csi_driver.server.grpc_server import CsiServer, ServerOptions
+from csi_driver.server.grpc_server import MAX_UNIX_PATH, CsiServer, ServerOptions, serve_on_unix_socket
 from csi_driver.server.logs import configure_logging
 from csi_driver.services.identity import IdentityService
 
@@ -78,6 +79,54 @@ def test_stale_socket_is_replaced(tmp_path):
         identity_stub(f"unix:{path}").Probe(csi_pb2.ProbeRequest(), timeout=5)
     finally:
         server.stop(0)
+
+
+class RecordingServer:
+    """A real grpc server that notes what existed at `path` when it was bound and when it started."""
+
+    def __init__(self, path):
+        self.path = path
+        self.server = grpc.server(futures.ThreadPoolExecutor(1))
+        csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService("berth.test", controller=True), self.server)
+        self.bound_to = ""
+        self.visible_before_start = None
+
+    def add_insecure_port(self, address):
+        self.bound_to = address
+        return self.server.add_insecure_port(address)
+
+    def start(self):
+        self.visible_before_start = os.path.exists(self.path)
+        self.server.start()
+
+
+def test_the_socket_appears_only_once_the_server_serves(tmp_path):
+    """A sidecar that connects between bind and start has its connection reset and exits ("Lost connection to
+    CSI driver"): nothing may be at the socket path before the server accepts."""
+    path = tmp_path / "csi.sock"
+    server = RecordingServer(str(path))
+    serve_on_unix_socket(server, str(path), 0o600)  # type: ignore[arg-type]
+    try:
+        assert server.bound_to == f"unix:{tmp_path}/.csi.sock.new", "bound to a hidden name, not the final path"
+        assert server.visible_before_start is False
+        assert stat.S_ISSOCK(path.lstat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert sorted(os.listdir(tmp_path)) == ["csi.sock"]
+        identity_stub(f"unix:{path}").Probe(csi_pb2.ProbeRequest(), timeout=5)
+    finally:
+        server.server.stop(0)
+
+
+def test_a_path_too_long_for_a_hidden_sibling_is_bound_directly(tmp_path):
+    directory = tmp_path / ("d" * (MAX_UNIX_PATH - len(str(tmp_path)) - 12))
+    path = directory / "csi.sock"  # fits sockaddr_un; ".csi.sock.new" beside it does not
+    assert len(str(path)) <= MAX_UNIX_PATH < len(str(directory / ".csi.sock.new"))
+    server = RecordingServer(str(path))
+    serve_on_unix_socket(server, str(path), 0o600)  # type: ignore[arg-type]
+    try:
+        assert server.bound_to == f"unix:{path}"
+        identity_stub(f"unix:{path}").Probe(csi_pb2.ProbeRequest(), timeout=5)
+    finally:
+        server.server.stop(0)
 
 
 def test_regular_file_at_socket_path_is_not_deleted(tmp_path):
