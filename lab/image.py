@@ -31,6 +31,8 @@ PACKAGES = [
     "lvm2", "thin-provisioning-tools", "xfsprogs", "e2fsprogs", "openssh-server", "python3", "python3-venv",
     "kmod", "udev", "systemd", "systemd-sysv", "dbus", "iproute2", "procps", "iputils-ping", "netbase",
     "sg3-utils", "lsscsi", "util-linux", "psmisc",
+    # bench/data_path.py: the published multipath device against one raw path.
+    "fio",
     # The nested VM of tests/handover (QEMU without Recommends: +~46 packages; nasm assembles its boot sector).
     "qemu-system-x86", "nasm",
     # The lab Kubernetes node (python -m lab up --kubernetes): container runtime, CNI plugins, kube-proxy's tools.

@@ -269,7 +269,7 @@ class LvmBackend:
             if source_info is None:
                 existing = self.pool.create_volume(lv, size, creating, known_absent=True)
             else:
-                existing = self.pool.clone(source_info.name, lv, size, creating, known_absent=True)
+                existing = self.pool.clone(source_info, lv, size, creating, known_absent=True)
             fault_point("create-volume.lv-created")
         if existing.meta.get(meta_keys.KEY_STATE) != meta_keys.STATE_READY:
             # A fresh LV, or one a crashed earlier attempt left half-made: finish it.
@@ -550,7 +550,7 @@ class LvmBackend:
         source = self._ready_volume(source_lv, view)
         self._check_room(view.capacity, "snapshot")
         with self.exporter.consistent(source):
-            info = self.pool.snapshot(source_lv, lv, meta, read_only=True, known_absent=True)
+            info = self.pool.snapshot(source, lv, meta, read_only=True, known_absent=True)
         fault_point("create-snapshot.taken")
         return self._snapshot(info)
 
@@ -591,7 +591,7 @@ class LvmBackend:
                     meta_keys.KEY_GROUP: key,
                     meta_keys.KEY_GROUP_SIZE: str(len(wanted)),
                 }
-                made.append(self.pool.snapshot(origin.name, wanted[origin.name], meta, read_only=True))
+                made.append(self.pool.snapshot(origin, wanted[origin.name], meta, read_only=True, known_absent=True))
             self.exporter.unfence(token)
             if time.monotonic() - fenced_at >= FENCE_SECONDS:
                 raise Busy(

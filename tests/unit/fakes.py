@@ -65,16 +65,16 @@ class FakeThinPool:
         self.lvs[lv] = self._make(lv, self.round_size(size), dict(tags))
         return self.lvs[lv]
 
-    def snapshot(self, source_lv: str, new_lv: str, tags, read_only=False, known_absent=False) -> LvInfo:
+    def snapshot(self, source: LvInfo, new_lv: str, tags, read_only=False, known_absent=False) -> LvInfo:
+        source_lv = source.name
         self.calls.append(f"snapshot {source_lv} {new_lv}")
         if source_lv in self.snapshot_fails:
             raise self.snapshot_fails[source_lv]
-        source = self.get(source_lv)
         self.lvs[new_lv] = self._make(new_lv, source.size_bytes, dict(tags), origin=source_lv)
         return self.lvs[new_lv]
 
-    def clone(self, source_lv: str, new_lv: str, size: int, tags, known_absent: bool = False) -> LvInfo:
-        info = self.snapshot(source_lv, new_lv, tags)
+    def clone(self, source: LvInfo, new_lv: str, size: int, tags, known_absent: bool = False) -> LvInfo:
+        info = self.snapshot(source, new_lv, tags)
         if info.size_bytes < size:
             self.resize(new_lv, size)
         return self.lvs[new_lv]

@@ -242,9 +242,9 @@ def test_a_group_holds_its_volumes_against_other_operations(stubs, backends):
     pool = backends["blk"].pool
     answers = []
 
-    def snapshot_during_delete(source_lv, new_lv, tags, read_only=False):
+    def snapshot_during_delete(source, new_lv, tags, read_only=False, known_absent=False):
         answers.append(status(lambda: stubs.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=a))))
-        return FakeThinPool.snapshot(pool, source_lv, new_lv, tags, read_only)
+        return FakeThinPool.snapshot(pool, source, new_lv, tags, read_only)
 
     pool.snapshot = snapshot_during_delete
     group_snapshot(stubs, "g", a, b)

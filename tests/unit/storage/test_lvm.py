@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -248,8 +249,13 @@ def test_snapshot_argv():
         return 0, "", ""
 
     r.on_call("lvs", responder=lvs).on_call("lvcreate", responder=lvcreate)
-    info = pool.snapshot(LV, snap, {"name": "s"}, read_only=True)
-    assert info.origin == LV and info.read_only
+    info = pool.snapshot(LvInfo.from_row(lv_row(LV, 2 * EXT)), snap, {"name": "s"}, read_only=True)
+    unknown_until_read = {"uuid", "created", "thin_id", "data_percent", "metadata_percent"}
+    assert replace(info, **{k: None for k in unknown_until_read}) == replace(  # what lvs would have said
+        pool.get(snap), **{k: None for k in unknown_until_read}
+    )
+    assert r.argvs("lvs") == [r.argvs("lvs")[0]] * 2  # the get above; snapshot itself read back nothing
+    assert info.origin == LV and info.read_only and info.size_bytes == 2 * EXT
     (argv,) = r.argvs("lvcreate")
     assert "--snapshot" in argv
     assert argv[argv.index("--setactivationskip") + 1] == "n"
@@ -266,7 +272,7 @@ def test_snapshot_of_missing_source():
     pool = pool_with(r)
     r.on("lvs", rc=5, stderr=NOT_FOUND).on("lvcreate", rc=5, stderr=NOT_FOUND)
     with pytest.raises(NotFound):
-        pool.snapshot(LV, "snap-x", {"name": "s"})
+        pool.snapshot(LvInfo.from_row(lv_row(LV)), "snap-x", {"name": "s"})
 
 
 def test_resize_grows_only():
@@ -442,8 +448,9 @@ def test_clone_grows_to_requested_size():
         return 0, "", ""
 
     r.on_call("lvs", responder=lvs).on_call("lvcreate", responder=lvcreate).on_call("lvextend", responder=lvextend)
-    info = pool.clone(LV, new, 3 * EXT, {"name": "c"})
-    assert info.size_bytes == 3 * EXT
+    info = pool.clone(LvInfo.from_row(lv_row(LV, 2 * EXT)), new, 3 * EXT, {"name": "c"})
+    assert info.size_bytes == 3 * EXT == sizes[new]
+    assert [argv[0] for argv in r.argvs()] == ["vgs", "lvs", "lvcreate", "lvextend"]  # no read-backs
     argv = r.argvs("lvcreate")[0]
     assert argv[argv.index("--permission") + 1] == "rw"
 
@@ -487,7 +494,7 @@ def test_create_volume_reads_the_pool_once(needs_prepare: bool):
     volume = LvmBackend("lab", pool, exporter).create_volume("pvc-1", 4 * EXT, 0, {}, None)
     assert volume.size_bytes == 4 * EXT
     names = [argv[0] for argv in r.argvs()]
-    assert names == ["lvs", "vgs", "lvcreate", "lvs", *(["lvchange"] if needs_prepare else [])], names
+    assert names == ["lvs", "vgs", "lvcreate", *(["lvchange"] if needs_prepare else [])], names  # no read-back
     assert len(exporter.prepared) == (1 if needs_prepare else 0)
     state = tags.decode_tags(made["tags"].split(","))["state"]
     assert state == ("creating" if needs_prepare else "ready")
