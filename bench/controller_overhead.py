@@ -167,12 +167,14 @@ def install_command_log() -> CommandLog:
 
 
 @contextmanager
-def lab_storage(attach: bool) -> Iterator[tuple[Lab, HostConfig]]:
+def lab_storage(attach: bool, sync: bool = False) -> Iterator[tuple[Lab, HostConfig]]:
+    """The lab (its own storage + node1 unless `attach`; `sync`: Berth's tree copied into the nodes) and a HostConfig
+    reaching its storage guest from here."""
     if attach:
         lab = Lab.attach()
     else:
         lab = Lab(lab_config.LAB_DIR / "run" / f"bench-{os.getpid()}", nodes=1, owner_bound=True)
-        print(f"[bench] lab up: {lab.up(sync=False)}", flush=True)
+        print(f"[bench] lab up: {lab.up(sync=sync)}", flush=True)
     try:
         guest = lab.guests["storage"]
         with tempfile.TemporaryDirectory(prefix="berth-bench-") as tmp:
