@@ -7,12 +7,12 @@ staged and published (NodePublishVolume: the map bound at a target path, what a 
 for each job, fio runs on the published path and on the first path of the map, alternately, --rounds times:
 4k random read and write (iodepth 16) and 1M sequential read and write (iodepth 4), all O_DIRECT with libaio, each
 --seconds long, over the first 192 MiB of the device. The multipath policy in force is recorded from
-`multipath -ll` and `multipathd show config`.
+`multipath -ll`.
 
 It prints medians (IOPS for 4k, MiB/s for 1M) and the ratio multipath ÷ one path, and writes JSON to
 artifacts/bench/data_path.json. Not a test: nothing is asserted.
 
-    .venv/bin/python bench/data_path.py             # starts its own small lab (storage + node1), ~10 min
+    .venv/bin/python bench/data_path.py             # starts its own small lab (storage + node1), ~15 min
     .venv/bin/python bench/data_path.py --attach    # uses the lab of `python -m lab up` (nobody else on it)
 """
 
@@ -33,9 +33,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.node_attach import BLOCK_RWX, NODE, STAGING, must, small_lab  # noqa: E402
+from bench.node_attach import BLOCK_RWX, NODE, STAGING, must, published_volume, small_lab  # noqa: E402
 from lab.topology import Lab  # noqa: E402
-from sanity.runner import csicall, start_berth, stop_berth  # noqa: E402
+from sanity.runner import csicall  # noqa: E402
 
 DEFAULT_OUT = REPO / "artifacts" / "bench" / "data_path.json"
 TARGET = "/var/lib/berth-bench/publish/data-path"
@@ -68,35 +68,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     results: dict[str, dict[str, list[float]]] = {job: {"multipath": [], "one path": []} for job in JOBS}
-    topology = policy = ""
-    with small_lab(args.attach) as lab:
-        start_berth(lab, NODE, mode="all")
-        node_id = must(lab, "Node.NodeGetInfo", {})["node_id"]
-        volume = must(lab, "Controller.CreateVolume", {
-            "name": f"bench-data-path-{os.getpid()}", "capacity_range": {"required_bytes": str(VOLUME_BYTES)},
-            "volume_capabilities": [BLOCK_RWX], "parameters": {"backend": "lab-iscsi"},
-        })["volume"]  # fmt: skip
+    topology = ""
+    with small_lab(args.attach) as lab, published_volume(lab, f"bench-data-path-{os.getpid()}", VOLUME_BYTES) as pub:
+        volume, _, context = pub
         volume_id = volume["volume_id"]
+        lab.run(NODE, f"mkdir -p {os.path.dirname(TARGET)}")
+        common = {"volume_id": volume_id, "staging_target_path": STAGING, "volume_capability": BLOCK_RWX,
+                  "publish_context": context, "volume_context": volume.get("volume_context", {})}  # fmt: skip
+        must(lab, "Node.NodeStageVolume", common)
+        must(lab, "Node.NodePublishVolume", {**common, "target_path": TARGET})
         try:
-            context = must(lab, "Controller.ControllerPublishVolume", {
-                "volume_id": volume_id, "node_id": node_id, "volume_capability": BLOCK_RWX,
-            }).get("publish_context", {})  # fmt: skip
-            lab.run(NODE, f"mkdir -p {STAGING} {os.path.dirname(TARGET)}")
-            common = {"volume_id": volume_id, "staging_target_path": STAGING, "volume_capability": BLOCK_RWX,
-                      "publish_context": context, "volume_context": volume.get("volume_context", {})}  # fmt: skip
-            must(lab, "Node.NodeStageVolume", common)
-            must(lab, "Node.NodePublishVolume", {**common, "target_path": TARGET})
             # The target is the map's device node bound onto a file: its major:minor names the map.
             major, minor = (int(n, 16) for n in lab.run(NODE, f"stat -c '%t %T' {TARGET}").stdout.split())
             dm = Path(lab.run(NODE, f"readlink -f /sys/dev/block/{major}:{minor}").stdout.strip()).name
-            device = f"/dev/{dm}"
             paths = lab.run(NODE, f"ls /sys/block/{dm}/slaves").stdout.split()
             one_path = f"/dev/{paths[0]}"
             topology = lab.run(NODE, f"multipath -ll $(cat /sys/block/{dm}/dm/name)").stdout
-            policy = lab.run(
-                NODE, "multipathd show config | grep -A14 'vendor \"LIO-ORG\"' | head -15", check=False
-            ).stdout  # fmt: skip
-            print(f"[bench] published {TARGET} -> {device}; paths {paths}\n{topology}", flush=True)
+            print(f"[bench] published {TARGET} -> /dev/{dm}; paths {paths}\n{topology}", flush=True)
             for i in range(args.rounds):
                 for job in JOBS:
                     results[job]["multipath"].append(fio(lab, TARGET, job, args.seconds))
@@ -104,10 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[bench] round {i + 1}/{args.rounds} done", flush=True)
         finally:
             csicall(lab, NODE, "Node.NodeUnpublishVolume", {"volume_id": volume_id, "target_path": TARGET})
-            csicall(lab, NODE, "Node.NodeUnstageVolume", {"volume_id": volume_id, "staging_target_path": STAGING})
-            csicall(lab, NODE, "Controller.ControllerUnpublishVolume", {"volume_id": volume_id, "node_id": node_id})
-            csicall(lab, NODE, "Controller.DeleteVolume", {"volume_id": volume_id})
-            stop_berth(lab, NODE)
     rows: list[dict[str, Any]] = []
     print(f"\nmedians of {args.rounds} rounds of {args.seconds} s\n")
     print("| job | unit | multipath (published) | one raw path | ratio |")
@@ -122,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit.stdout.strip(),
-        "rounds": args.rounds, "seconds": args.seconds, "multipath_ll": topology, "lio_policy": policy, "rows": rows,
+        "rounds": args.rounds, "seconds": args.seconds, "multipath_ll": topology, "rows": rows,
     }, indent=2) + "\n")  # fmt: skip
     print(f"\n[bench] wrote {args.out}")
     return 0

@@ -94,6 +94,31 @@ def small_lab(attach: bool) -> Iterator[Lab]:
             lab.down()
 
 
+@contextmanager
+def published_volume(lab: Lab, name: str, size_bytes: int) -> Iterator[tuple[dict, str, dict]]:
+    """Berth started all-in-one in node1 and a raw block volume of lab-iscsi published to node1: (the volume, node1's
+    node id, the publish context). Afterwards the volume is unstaged (if it was), unpublished and deleted, and Berth
+    stopped."""
+    start_berth(lab, NODE, mode="all")
+    node_id = must(lab, "Node.NodeGetInfo", {})["node_id"]
+    volume = must(lab, "Controller.CreateVolume", {
+        "name": name, "capacity_range": {"required_bytes": str(size_bytes)},
+        "volume_capabilities": [BLOCK_RWX], "parameters": {"backend": "lab-iscsi"},
+    })["volume"]  # fmt: skip
+    volume_id = volume["volume_id"]
+    try:
+        context = must(lab, "Controller.ControllerPublishVolume", {
+            "volume_id": volume_id, "node_id": node_id, "volume_capability": BLOCK_RWX,
+        }).get("publish_context", {})  # fmt: skip
+        lab.run(NODE, f"mkdir -p {STAGING}")
+        yield volume, node_id, context
+    finally:
+        csicall(lab, NODE, "Node.NodeUnstageVolume", {"volume_id": volume_id, "staging_target_path": STAGING})
+        csicall(lab, NODE, "Controller.ControllerUnpublishVolume", {"volume_id": volume_id, "node_id": node_id})
+        csicall(lab, NODE, "Controller.DeleteVolume", {"volume_id": volume_id})
+        stop_berth(lab, NODE)
+
+
 def must(lab: Lab, rpc: str, request: dict) -> dict:
     ok, body = csicall(lab, NODE, rpc, request)
     if not ok:
@@ -151,40 +176,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     berth: dict[str, list[float]] = collections.defaultdict(list)
     berth_programs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
     bare_ms: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
-    with small_lab(args.attach) as lab:
-        start_berth(lab, NODE, mode="all")
-        node_id = must(lab, "Node.NodeGetInfo", {})["node_id"]
-        volume = must(lab, "Controller.CreateVolume", {
-            "name": f"bench-attach-{os.getpid()}", "capacity_range": {"required_bytes": str(64 << 20)},
-            "volume_capabilities": [BLOCK_RWX], "parameters": {"backend": "lab-iscsi"},
-        })["volume"]  # fmt: skip
+    with small_lab(args.attach) as lab, published_volume(lab, f"bench-attach-{os.getpid()}", 64 << 20) as published:
+        volume, _, context = published
         volume_id = volume["volume_id"]
-        try:
-            context = must(lab, "Controller.ControllerPublishVolume", {
-                "volume_id": volume_id, "node_id": node_id, "volume_capability": BLOCK_RWX,
-            }).get("publish_context", {})  # fmt: skip
-            env = {
-                "IQN": context["targetIqn"],
-                "PORTALS": " ".join(p.strip() for p in context["targetPortals"].split(",")),
-                "WWN": volume.get("volume_context", {}).get("wwn", "").removeprefix("naa."),
-            }
-            stage = {"volume_id": volume_id, "staging_target_path": STAGING, "volume_capability": BLOCK_RWX,
-                     "publish_context": context, "volume_context": volume.get("volume_context", {})}  # fmt: skip
-            unstage = {"volume_id": volume_id, "staging_target_path": STAGING}
-            lab.run(NODE, f"mkdir -p {STAGING}")
-            for i in range(args.rounds):
-                for rpc, request in (("Node.NodeStageVolume", stage), ("Node.NodeUnstageVolume", unstage)):
-                    ms, programs = berth_call(lab, rpc, request)
-                    berth[rpc].append(ms)
-                    berth_programs[rpc].append(programs)
-                bare_ms["Node.NodeStageVolume"].append(bare(lab, BARE_STAGE, ("login", "map"), env))
-                bare_ms["Node.NodeUnstageVolume"].append(bare(lab, BARE_UNSTAGE, ("flush", "logout"), env))
-                print(f"[bench] round {i + 1}/{args.rounds} done", flush=True)
-        finally:
-            csicall(lab, NODE, "Node.NodeUnstageVolume", {"volume_id": volume_id, "staging_target_path": STAGING})
-            csicall(lab, NODE, "Controller.ControllerUnpublishVolume", {"volume_id": volume_id, "node_id": node_id})
-            csicall(lab, NODE, "Controller.DeleteVolume", {"volume_id": volume_id})
-            stop_berth(lab, NODE)
+        env = {
+            "IQN": context["targetIqn"],
+            "PORTALS": " ".join(p.strip() for p in context["targetPortals"].split(",")),
+            "WWN": volume.get("volume_context", {}).get("wwn", "").removeprefix("naa."),
+        }
+        stage = {"volume_id": volume_id, "staging_target_path": STAGING, "volume_capability": BLOCK_RWX,
+                 "publish_context": context, "volume_context": volume.get("volume_context", {})}  # fmt: skip
+        unstage = {"volume_id": volume_id, "staging_target_path": STAGING}
+        for i in range(args.rounds):
+            for rpc, request in (("Node.NodeStageVolume", stage), ("Node.NodeUnstageVolume", unstage)):
+                ms, programs = berth_call(lab, rpc, request)
+                berth[rpc].append(ms)
+                berth_programs[rpc].append(programs)
+            bare_ms["Node.NodeStageVolume"].append(bare(lab, BARE_STAGE, ("login", "map"), env))
+            bare_ms["Node.NodeUnstageVolume"].append(bare(lab, BARE_UNSTAGE, ("flush", "logout"), env))
+            print(f"[bench] round {i + 1}/{args.rounds} done", flush=True)
     rows = []
     print(f"\nmedians of {args.rounds} rounds, ms\n")
     print("| RPC | Berth | bare | ratio | bare steps | Berth's commands (os-brick), s |")
