@@ -33,8 +33,13 @@ SIDECARS = {
     "csi-resizer": ("github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer", "v2.2.0"),
 }
 KUBE_PROGRAMS = ["kubelet", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl"]
-# Kubernetes' own e2e suite (a test binary) and agnhost, the program of the suite's main pod image (e2e/).
-E2E_PROGRAMS = {"e2e.test": "k8s.io/kubernetes/test/e2e", "agnhost": "k8s.io/kubernetes/test/images/agnhost"}
+# Kubernetes' own e2e suite (a test binary), agnhost (the program of the suite's main pod image) and the ginkgo
+# CLI that runs the suite's specs in parallel (e2e/run --procs), at the version the suite links.
+E2E_PROGRAMS = {
+    "e2e.test": "k8s.io/kubernetes/test/e2e",
+    "agnhost": "k8s.io/kubernetes/test/images/agnhost",
+    "ginkgo": "github.com/onsi/ginkgo/v2/ginkgo",
+}
 PROGRAMS = [*KUBE_PROGRAMS, *E2E_PROGRAMS, "etcd", *SIDECARS, "crictl", "helm"]
 BUILD_ENV = {"CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-buildvcs=false"}
 

@@ -2,7 +2,7 @@
 
 Suggested mapping: InvalidVolume/InvalidPath→INVALID_ARGUMENT, VolumeNotFound→NOT_FOUND,
 MountConflict→ALREADY_EXISTS, NotStaged/WrongAccess/StillInUse/PathBusy→FAILED_PRECONDITION,
-OperationInFlight→ABORTED, CommandTimeout→DEADLINE_EXCEEDED, everything else→INTERNAL.
+CommandTimeout→DEADLINE_EXCEEDED, everything else→INTERNAL.
 """
 
 from __future__ import annotations
@@ -43,10 +43,6 @@ class WrongAccess(NodeError):
 
 class StillInUse(NodeError):
     """Unstage while the device or staging mount is still used elsewhere (a publish target left behind)."""
-
-
-class OperationInFlight(NodeError):
-    """Another RPC on the same volume is running; the CO retries later."""
 
 
 class UnmountFailed(NodeError):
@@ -114,7 +110,7 @@ class CommandTimeout(NodeError):
         super().__init__(f"`{' '.join(self.argv)}` did not finish within {seconds:g} s")
 
 
-# What kubelet treats as "maybe still in progress" (the services map these to DEADLINE_EXCEEDED and ABORTED, and
-# kubelet answers them with a retry or a NodeUnstageVolume): a failed operation keeps its partial work for that
+# What kubelet treats as "maybe still in progress" (the services map it to DEADLINE_EXCEEDED, and kubelet answers
+# it with a retry or a NodeUnstageVolume): a failed operation keeps its partial work for that
 # call. Every other failure is final: kubelet assumes nothing was done, so the operation must undo itself.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (CommandTimeout, OperationInFlight)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (CommandTimeout,)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from .errors import (
@@ -24,7 +23,6 @@ from .errors import (
     WrongAccess,
 )
 from .filesystems import Filesystems, Usage, usage
-from .locks import VolumeLocks
 from .mounts import MountEntry, Mounter
 from .nfs import bounded
 from .paths import canonical_path, checked_path, make_directory, make_file, remove_created
@@ -71,7 +69,6 @@ class NodeVolumes:
         self.mounter = mounter
         self.fs = filesystems
         self.statfs = statfs
-        self.locks = VolumeLocks()
 
     def _protocol(self, name: str) -> VolumeProtocol:
         try:
@@ -80,100 +77,92 @@ class NodeVolumes:
             known = ", ".join(sorted(self.protocols)) or "none"
             raise InvalidVolume(f"volume protocol {name!r} is not served by this node (served: {known})") from None
 
-    @contextmanager
-    def _locked(self, volume_id: str, operation: str) -> Iterator[None]:
-        with self.locks.hold(volume_id, operation):
-            yield
-
     # --- stage ---
 
     def stage(self, request: StageRequest) -> None:
         request = replace(request, staging_path=checked_path(request.staging_path, "staging_target_path"))
         protocol = self._protocol(request.volume_context.get("protocol", ""))
-        with self._locked(request.volume_id, "NodeStageVolume"):
-            wanted = protocol.new_record(request)
-            existing = self.records.load(request.volume_id)
-            in_use = existing is not None and self._published(existing)
-            if existing is not None:
-                if protocol.is_staged(existing):
-                    _check_same_staging(existing, wanted)
-                    return  # idempotent repeat
-                if in_use:  # lost its staging mount or device while a target still holds it: redo on top
-                    _check_same_staging(existing, wanted)
-                elif _differs(existing, wanted):
-                    # The remains of a stage that crashed or failed before its undo existed: they would make
-                    # every later stage ALREADY_EXISTS, and nothing uses them.
-                    log.warning("removing the remains of an earlier stage", extra={"volume": existing.volume_id})
-                    self._protocol(existing.protocol).unstage(existing)
-                    self.records.delete(existing.volume_id)
-                wanted.targets, wanted.created = existing.targets, existing.created
-            with Rollback("NodeStageVolume", cleaned_by="NodeUnstageVolume") as undo:
-                if not in_use:  # the oldest step: forgotten only when everything else was undone
-                    undo.push("remove the stage record", lambda: self.records.delete(request.volume_id))
-                protocol.stage(wanted, request, self.records.save, undo)
-                self.records.save(wanted)
+        wanted = protocol.new_record(request)
+        existing = self.records.load(request.volume_id)
+        in_use = existing is not None and self._published(existing)
+        if existing is not None:
+            if protocol.is_staged(existing):
+                _check_same_staging(existing, wanted)
+                return  # idempotent repeat
+            if in_use:  # lost its staging mount or device while a target still holds it: redo on top
+                _check_same_staging(existing, wanted)
+            elif _differs(existing, wanted):
+                # The remains of a stage that crashed or failed before its undo existed: they would make
+                # every later stage ALREADY_EXISTS, and nothing uses them.
+                log.warning("removing the remains of an earlier stage", extra={"volume": existing.volume_id})
+                self._protocol(existing.protocol).unstage(existing)
+                self.records.delete(existing.volume_id)
+            wanted.targets, wanted.created = existing.targets, existing.created
+        with Rollback("NodeStageVolume", cleaned_by="NodeUnstageVolume") as undo:
+            if not in_use:  # the oldest step: forgotten only when everything else was undone
+                undo.push("remove the stage record", lambda: self.records.delete(request.volume_id))
+            protocol.stage(wanted, request, self.records.save, undo)
+            self.records.save(wanted)
 
     def _published(self, record: StageRecord) -> bool:
         return any(self.mounter.table.is_mountpoint(target) for target in record.targets)
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         staging = checked_path(staging_path, "staging_target_path")
-        with self._locked(volume_id, "NodeUnstageVolume"):
-            record = self.records.load(volume_id)
-            if record is None:
-                # Nothing recorded: never staged here, or already unstaged. Clean a leftover mount only.
-                self.mounter.unmount(staging)
-                return
-            if os.path.normpath(record.staging_path) != staging:
-                raise VolumeNotFound(f"volume {volume_id} is staged at {record.staging_path!r}, not at {staging!r}")
-            self._protocol(record.protocol).unstage(record)
-            # Only now: a failed unstage keeps the record, so the retry still knows what to log out of.
-            self.records.delete(volume_id)
+        record = self.records.load(volume_id)
+        if record is None:
+            # Nothing recorded: never staged here, or already unstaged. Clean a leftover mount only.
+            self.mounter.unmount(staging)
+            return
+        if os.path.normpath(record.staging_path) != staging:
+            raise VolumeNotFound(f"volume {volume_id} is staged at {record.staging_path!r}, not at {staging!r}")
+        self._protocol(record.protocol).unstage(record)
+        # Only now: a failed unstage keeps the record, so the retry still knows what to log out of.
+        self.records.delete(volume_id)
 
     # --- publish ---
 
     def publish(self, request: PublishRequest) -> None:
         staging = checked_path(request.staging_path, "staging_target_path")
         target = checked_path(request.target_path, "target_path")
-        with self._locked(request.volume_id, "NodePublishVolume"):
-            record = self.records.load(request.volume_id)
-            if record is None:
-                raise NotStaged(f"volume {request.volume_id} is not staged on this node; call NodeStageVolume first")
-            if os.path.normpath(record.staging_path) != staging:
-                raise NotStaged(f"volume {request.volume_id} is staged at {record.staging_path!r}, not at {staging!r}")
-            if record.access_type != request.access_type:
-                raise WrongAccess(
-                    f"volume {request.volume_id} is staged for {record.access_type} access, "
-                    f"publish asks for {request.access_type}"
-                )
-            protocol = self._protocol(record.protocol)
-            readonly = request.readonly or record.readonly  # a read-only staging is never published writable
-            source, match = self._publish_source(record, protocol)
-            current = self.mounter.table.at(target)
-            if current is not None:
-                if match(current):
-                    if current.readonly != readonly:
-                        raise MountConflict(
-                            f"target {target!r} is already published "
-                            f"{'read-only' if current.readonly else 'read-write'}"
-                        )
-                    self._remember_target(record, target, readonly)
-                    return
-                if not _binds_a_single_path(current, protocol.member_paths(record)):
-                    raise MountConflict(f"target {target!r} already has {current.source} mounted, not this volume")
-                # An earlier publish raced multipathd and bound one path of the LUN: bind the map instead.
-                log.warning(
-                    "target binds a single path, replacing it with the multipath map",
-                    extra={"target": target, "path": current.root, "device": source},
-                )
-                self.mounter.unmount(target)
-            if request.access_mode == SINGLE_NODE_SINGLE_WRITER:
-                others = [t for t in record.targets if t != target and self.mounter.table.is_mountpoint(t)]
-                if others:
-                    raise WrongAccess(
-                        f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at {others[0]}"
+        record = self.records.load(request.volume_id)
+        if record is None:
+            raise NotStaged(f"volume {request.volume_id} is not staged on this node; call NodeStageVolume first")
+        if os.path.normpath(record.staging_path) != staging:
+            raise NotStaged(f"volume {request.volume_id} is staged at {record.staging_path!r}, not at {staging!r}")
+        if record.access_type != request.access_type:
+            raise WrongAccess(
+                f"volume {request.volume_id} is staged for {record.access_type} access, "
+                f"publish asks for {request.access_type}"
+            )
+        protocol = self._protocol(record.protocol)
+        readonly = request.readonly or record.readonly  # a read-only staging is never published writable
+        source, match = self._publish_source(record, protocol)
+        current = self.mounter.table.at(target)
+        if current is not None:
+            if match(current):
+                if current.readonly != readonly:
+                    raise MountConflict(
+                        f"target {target!r} is already published "
+                        f"{'read-only' if current.readonly else 'read-write'}"
                     )
-            self._bind(record, source, target, readonly, request.mount_flags)
+                self._remember_target(record, target, readonly)
+                return
+            if not _binds_a_single_path(current, protocol.member_paths(record)):
+                raise MountConflict(f"target {target!r} already has {current.source} mounted, not this volume")
+            # An earlier publish raced multipathd and bound one path of the LUN: bind the map instead.
+            log.warning(
+                "target binds a single path, replacing it with the multipath map",
+                extra={"target": target, "path": current.root, "device": source},
+            )
+            self.mounter.unmount(target)
+        if request.access_mode == SINGLE_NODE_SINGLE_WRITER:
+            others = [t for t in record.targets if t != target and self.mounter.table.is_mountpoint(t)]
+            if others:
+                raise WrongAccess(
+                    f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at {others[0]}"
+                )
+        self._bind(record, source, target, readonly, request.mount_flags)
 
     def _bind(self, record: StageRecord, source: str, target: str, readonly: bool, flags: tuple[str, ...]) -> None:
         block = record.access_type == BLOCK
@@ -211,15 +200,14 @@ class NodeVolumes:
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target = checked_path(target_path, "target_path")
-        with self._locked(volume_id, "NodeUnpublishVolume"):
-            self.mounter.unmount_all(target)
-            record = self.records.load(volume_id)
-            if record is None:
-                return  # nothing says Berth created the target, so it stays (CSI: the SP removes only its own)
-            if target in record.created:
-                self._remove_created(record, target)
-            if record.targets.pop(target, None) is not None:
-                self.records.save(record)
+        self.mounter.unmount_all(target)
+        record = self.records.load(volume_id)
+        if record is None:
+            return  # nothing says Berth created the target, so it stays (CSI: the SP removes only its own)
+        if target in record.created:
+            self._remove_created(record, target)
+        if record.targets.pop(target, None) is not None:
+            self.records.save(record)
 
     def _remove_created(self, record: StageRecord, target: str) -> None:
         remove_created(target)
@@ -264,9 +252,8 @@ class NodeVolumes:
         return VolumeStats(measured, problem is not None, problem or "", block=False)
 
     def expand(self, volume_id: str, path: str) -> int:
-        with self._locked(volume_id, "NodeExpandVolume"):
-            record, _ = self._record_for_path(volume_id, path)
-            return self._protocol(record.protocol).expand(record)
+        record, _ = self._record_for_path(volume_id, path)
+        return self._protocol(record.protocol).expand(record)
 
 
 def _check_same_staging(existing: StageRecord, wanted: StageRecord) -> None:

@@ -127,7 +127,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # --- volumes ---
 
-    @rpc
+    @rpc(lock=("name",))
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
@@ -146,16 +146,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         check_mutable_parameters(request.mutable_parameters, backend.mutable_parameters, backend.name)
         required, limit = _capacity_range(request.capacity_range)
         source = self._content_source(backend, request)
-        with self.locks.hold(f"name:{request.name}"):
-            volume = backend.create_volume(
-                request.name,
-                required,
-                limit,
-                request.parameters,
-                source,
-                default_bytes=DEFAULT_SIZE,
-                mutable=request.mutable_parameters,
-            )
+        volume = backend.create_volume(
+            request.name,
+            required,
+            limit,
+            request.parameters,
+            source,
+            default_bytes=DEFAULT_SIZE,
+            mutable=request.mutable_parameters,
+        )
         return csi_pb2.CreateVolumeResponse(volume=self._volume_message(backend, volume))
 
     def _content_source(
@@ -178,7 +177,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             )
         return ContentSource(kind, lv)  # type: ignore[arg-type]
 
-    @rpc
+    @rpc(lock=("volume_id",))
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
@@ -190,11 +189,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         except NotFound:
             log.info("delete of unknown volume ID is a no-op", extra={"volume_id": request.volume_id})
             return csi_pb2.DeleteVolumeResponse()
-        with self.locks.hold(request.volume_id):
-            backend.delete_volume(lv)
+        backend.delete_volume(lv)
         return csi_pb2.DeleteVolumeResponse()
 
-    @rpc
+    @rpc(lock=("volume_id",))
     def ControllerPublishVolume(
         self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerPublishVolumeResponse:
@@ -210,12 +208,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         _check_capabilities([request.volume_capability], backend.protocol)
         mode = request.volume_capability.access_mode.mode
         readonly = request.readonly or mode in READ_ONLY_MODES
-        with self.locks.hold(request.volume_id):
-            view = backend.view()  # one lvs serves the volume, its readiness and this pool's publication count
-            volume = backend.get_volume(lv, view)
-            if node.node_id not in volume.published:
-                self._check_attach_limit(node.node_id, backend, view)
-            publish_context = backend.publish(lv, node, readonly, mode in MULTI_NODE_MODES, request.secrets, view)
+        view = backend.view()  # one lvs serves the volume, its readiness and this pool's publication count
+        volume = backend.get_volume(lv, view)
+        if node.node_id not in volume.published:
+            self._check_attach_limit(node.node_id, backend, view)
+        publish_context = backend.publish(lv, node, readonly, mode in MULTI_NODE_MODES, request.secrets, view)
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context)
 
     def _check_attach_limit(self, node_id: str, read: LvmBackend, view: PoolView) -> None:
@@ -237,7 +234,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 f"node already has {attached} volumes published, the limit is {self.max_volumes_per_node}",
             )
 
-    @rpc
+    @rpc(lock=("volume_id",))
     def ControllerUnpublishVolume(
         self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerUnpublishVolumeResponse:
@@ -248,10 +245,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             backend, lv = self._locate(request.volume_id)
         except NotFound:
             return csi_pb2.ControllerUnpublishVolumeResponse()  # nothing Berth made: nothing to undo
-        with self.locks.hold(request.volume_id):
-            nodes = [_node(request.node_id)] if request.node_id else self._published_nodes(backend, lv)
-            for node in nodes:
-                backend.unpublish(lv, node)
+        nodes = [_node(request.node_id)] if request.node_id else self._published_nodes(backend, lv)
+        for node in nodes:
+            backend.unpublish(lv, node)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     def _published_nodes(self, backend: LvmBackend, lv: str) -> list[NodeRef]:
@@ -341,7 +337,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             total += backend.available_bytes()
         return csi_pb2.GetCapacityResponse(available_capacity=total)
 
-    @rpc
+    @rpc(lock=("volume_id",))
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
@@ -354,13 +350,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         backend, lv = self._locate(request.volume_id)
         if request.HasField("volume_capability"):
             _check_capabilities([request.volume_capability], backend.protocol)
-        with self.locks.hold(request.volume_id):
-            size, node_expansion = backend.expand_volume(lv, required, limit)
+        size, node_expansion = backend.expand_volume(lv, required, limit)
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=size, node_expansion_required=node_expansion
         )
 
-    @rpc
+    @rpc(lock=("volume_id",))
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerModifyVolumeResponse:
@@ -371,13 +366,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.mutable_parameters:
             raise invalid("ControllerModifyVolume needs mutable_parameters")
         check_mutable_parameters(request.mutable_parameters, backend.mutable_parameters, backend.name)
-        with self.locks.hold(request.volume_id):
-            backend.modify_volume(lv, request.mutable_parameters)
+        backend.modify_volume(lv, request.mutable_parameters)
         return csi_pb2.ControllerModifyVolumeResponse()
 
     # --- snapshots ---
 
-    @rpc
+    @rpc(lock=("name", "source_volume_id"))
     def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
@@ -386,11 +380,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.source_volume_id:
             raise invalid("CreateSnapshot needs a source_volume_id")
         backend, lv = self._locate(request.source_volume_id)
-        with self.locks.hold(f"snapshot:{request.name}", request.source_volume_id):
-            snapshot = backend.create_snapshot(request.name, lv)
+        snapshot = backend.create_snapshot(request.name, lv)
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_message(backend, snapshot))
 
-    @rpc
+    @rpc(lock=("snapshot_id",))
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteSnapshotResponse:
@@ -401,8 +394,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             backend, lv = self._locate(request.snapshot_id, "snapshot")
         except NotFound:
             return csi_pb2.DeleteSnapshotResponse()
-        with self.locks.hold(request.snapshot_id):
-            backend.delete_snapshot(lv)
+        backend.delete_snapshot(lv)
         return csi_pb2.DeleteSnapshotResponse()
 
     @rpc

@@ -1,4 +1,4 @@
-"""Domain errors → gRPC status codes, and per-object operation locks, shared by the CSI services."""
+"""The per-RPC rules the CSI services share: domain errors → gRPC status codes, and per-object operation locks."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, NoReturn, TypeVar, overload
 
 import grpc
 
@@ -46,35 +46,101 @@ def invalid(message: str) -> RpcError:
 
 F = TypeVar("F", bound=Callable[..., Any])
 ErrorCodes = list[tuple[type[Exception], grpc.StatusCode]]
+# (scope, value): an object ID (volume, snapshot, group snapshot) names one object in every RPC, so its scope is "";
+# a name asked for is only unique within its RPC (a volume and a snapshot may share one), so its scope is the RPC.
+LockKey = tuple[str, str]
 
 
-def rpc_mapping(codes: ErrorCodes) -> Callable[[F], F]:
-    """Decorator for servicer methods: RpcError and the domain errors in `codes` (first match wins) become
-    gRPC statuses with their message. Anything else is a bug; the interceptor logs it and answers INTERNAL.
-    A server-streaming method (a generator) gets the same mapping for errors raised while it streams."""
+class OperationLocks:
+    """One operation at a time per key; a second caller gets ABORTED at once and is never queued: the CO retries
+    ABORTED with backoff, as the spec asks when an operation is pending, and a queue would pile retries up behind a
+    stuck storage host or iSCSI login."""
 
-    def decorate(method: F) -> F:
+    def __init__(self) -> None:
+        self._held: dict[LockKey, str] = {}
+        self._mutex = threading.Lock()
+
+    @contextmanager
+    def hold(self, operation: str, keys: Iterable[LockKey]) -> Iterator[None]:
+        wanted = {key for key in keys if key[1]}
+        with self._mutex:
+            busy = sorted(wanted & self._held.keys())
+            if busy:
+                running = "; ".join(f"{self._held[key]} is still in progress on {_describe(key)}" for key in busy)
+                raise RpcError(grpc.StatusCode.ABORTED, f"{running}; retry later")
+            self._held.update(dict.fromkeys(wanted, operation))
+        try:
+            yield
+        finally:
+            with self._mutex:
+                for key in wanted:
+                    del self._held[key]
+
+
+def _describe(key: LockKey) -> str:
+    scope, value = key
+    return f"name {value!r}" if scope else value
+
+
+def lock_keys(operation: str, request: Any, attributes: Sequence[str]) -> list[LockKey]:
+    """The keys of `request` named by `attributes`: `name`, or object IDs (one field, or a repeated one)."""
+    keys: list[LockKey] = []
+    for attribute in attributes:
+        value = getattr(request, attribute)
+        scope = operation if attribute == "name" else ""
+        keys += [(scope, item) for item in ([value] if isinstance(value, str) else value)]
+    return keys
+
+
+class RpcRules:
+    """The per-RPC rules of a servicer method, as its decorator: `@rpc`, or `@rpc(lock=("volume_id",))`.
+
+    - Errors: RpcError and the domain errors in `codes` (first match wins) become gRPC statuses with their message.
+      Anything else is a bug; the interceptor logs it and answers INTERNAL. A server-streaming method (a generator)
+      gets the same mapping for errors raised while it streams.
+    - Locks: `lock` names the request attributes whose values the whole call holds in the servicer's `locks`
+      (an OperationLocks), so that two calls on one object never overlap."""
+
+    def __init__(self, codes: ErrorCodes) -> None:
+        self.codes = codes
+
+    @overload
+    def __call__(self, method: F) -> F: ...
+    @overload
+    def __call__(self, *, lock: Sequence[str]) -> Callable[[F], F]: ...
+
+    def __call__(self, method: F | None = None, *, lock: Sequence[str] = ()) -> Any:
+        if method is None:
+            return lambda method: self._decorate(method, tuple(lock))
+        return self._decorate(method, ())
+
+    def _decorate(self, method: F, lock: tuple[str, ...]) -> F:
+        codes, name = self.codes, method.__name__
+
+        def held(servicer: Any, request: Any) -> AbstractContextManager[None]:
+            return servicer.locks.hold(name, lock_keys(name, request, lock)) if lock else nullcontext()
+
         if inspect.isgeneratorfunction(method):
 
             @functools.wraps(method)
             def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
                 try:
-                    yield from method(self, request, context)
+                    with held(self, request):
+                        yield from method(self, request, context)
                 except Exception as err:
-                    _abort(err, codes, method.__name__, context)
+                    _abort(err, codes, name, context)
 
             return streaming  # type: ignore[return-value]
 
         @functools.wraps(method)
         def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return method(self, request, context)
+                with held(self, request):
+                    return method(self, request, context)
             except Exception as err:
-                _abort(err, codes, method.__name__, context)
+                _abort(err, codes, name, context)
 
         return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 def _abort(err: Exception, codes: ErrorCodes, method: str, context: grpc.ServicerContext) -> NoReturn:
@@ -89,32 +155,4 @@ def _abort(err: Exception, codes: ErrorCodes, method: str, context: grpc.Service
     context.abort(code, str(err))
 
 
-rpc = rpc_mapping(STORAGE_ERROR_CODES)
-
-
-class OperationLocks:
-    """One operation at a time per key (volume ID, request name); a second caller gets ABORTED at once.
-
-    The CO retries ABORTED with backoff, which is what the spec asks for when an operation is pending.
-    """
-
-    def __init__(self) -> None:
-        self._held: set[str] = set()
-        self._mutex = threading.Lock()
-
-    @contextmanager
-    def hold(self, *keys: str) -> Iterator[None]:
-        wanted = {key for key in keys if key}
-        with self._mutex:
-            busy = wanted & self._held
-            if busy:
-                raise RpcError(
-                    grpc.StatusCode.ABORTED,
-                    f"an operation on {', '.join(sorted(busy))} is already in progress; retry later",
-                )
-            self._held |= wanted
-        try:
-            yield
-        finally:
-            with self._mutex:
-                self._held -= wanted
+rpc = RpcRules(STORAGE_ERROR_CODES)

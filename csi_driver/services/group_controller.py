@@ -27,6 +27,7 @@ CAPABILITIES = [_Rpc.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT]
 class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
     def __init__(self, controller: ControllerService) -> None:
         self.controller = controller
+        self.locks = controller.locks  # a group snapshot and a DeleteVolume of a member must not overlap
 
     @rpc
     def GroupControllerGetCapabilities(
@@ -36,7 +37,7 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
             capabilities=[csi_pb2.GroupControllerServiceCapability(rpc=_Rpc(type=cap)) for cap in CAPABILITIES]
         )
 
-    @rpc
+    @rpc(lock=("name", "source_volume_ids"))
     def CreateVolumeGroupSnapshot(
         self, request: csi_pb2.CreateVolumeGroupSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeGroupSnapshotResponse:
@@ -59,11 +60,10 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
                 "one instant can only be held on one storage host and thin pool"
             )
         backend = located[0][0]
-        with self.controller.locks.hold(f"group-snapshot:{request.name}", *volume_ids):
-            group = backend.create_group_snapshot(request.name, [lv for _, lv in located])
+        group = backend.create_group_snapshot(request.name, [lv for _, lv in located])
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=self._message(backend, group))
 
-    @rpc
+    @rpc(lock=("group_snapshot_id",))
     def DeleteVolumeGroupSnapshot(
         self, request: csi_pb2.DeleteVolumeGroupSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeGroupSnapshotResponse:
@@ -74,14 +74,13 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
             backend, key = self.controller._locate(request.group_snapshot_id, "group snapshot")
         except NotFound:
             return csi_pb2.DeleteVolumeGroupSnapshotResponse()  # nothing Berth made: nothing to delete
-        with self.controller.locks.hold(request.group_snapshot_id):
-            try:
-                group = backend.get_group_snapshot(key)
-            except NotFound:
-                return csi_pb2.DeleteVolumeGroupSnapshotResponse()
-            # An ID missing from the list is a mismatch; a listed one already gone is a retry's doing.
-            _check_listed(self._member_ids(backend, group), request.snapshot_ids, exact=False)
-            backend.delete_group_snapshot(key)
+        try:
+            group = backend.get_group_snapshot(key)
+        except NotFound:
+            return csi_pb2.DeleteVolumeGroupSnapshotResponse()
+        # An ID missing from the list is a mismatch; a listed one already gone is a retry's doing.
+        _check_listed(self._member_ids(backend, group), request.snapshot_ids, exact=False)
+        backend.delete_group_snapshot(key)
         return csi_pb2.DeleteVolumeGroupSnapshotResponse()
 
     @rpc

@@ -15,7 +15,7 @@ from csi_driver.csi import csi_pb2, csi_pb2_grpc
 from csi_driver.node import errors
 from csi_driver.node.protocol import BLOCK, MOUNT, StageRequest, VolumeProtocol
 from csi_driver.node.volumes import NodeVolumes, PublishRequest
-from csi_driver.services.errors import ErrorCodes, invalid, rpc_mapping
+from csi_driver.services.errors import ErrorCodes, OperationLocks, RpcRules, invalid
 
 _Rpc = csi_pb2.NodeServiceCapability.RPC
 _Mode = csi_pb2.VolumeCapability.AccessMode
@@ -38,12 +38,11 @@ NODE_ERROR_CODES: ErrorCodes = [
     (errors.WrongAccess, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.StillInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.PathBusy, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.OperationInFlight, grpc.StatusCode.ABORTED),
     (errors.LoginRefused, grpc.StatusCode.PERMISSION_DENIED),
     (errors.CommandTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.NodeError, grpc.StatusCode.INTERNAL),
 ]
-node_rpc = rpc_mapping(NODE_ERROR_CODES)
+node_rpc = RpcRules(NODE_ERROR_CODES)
 
 
 def _require(value: str, what: str) -> str:
@@ -72,6 +71,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.node_id = node_id
         self.volumes = volumes
         self.max_volumes_per_node = max_volumes_per_node
+        self.locks = OperationLocks()
 
     # --- capabilities and info ---
 
@@ -89,7 +89,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # --- stage ---
 
-    @node_rpc
+    @node_rpc(lock=("volume_id",))
     def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeStageVolumeResponse:
@@ -113,7 +113,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.volumes.stage(stage)
         return csi_pb2.NodeStageVolumeResponse()
 
-    @node_rpc
+    @node_rpc(lock=("volume_id",))
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnstageVolumeResponse:
@@ -124,7 +124,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     # --- publish ---
 
-    @node_rpc
+    @node_rpc(lock=("volume_id",))
     def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
@@ -146,7 +146,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.volumes.publish(publish)
         return csi_pb2.NodePublishVolumeResponse()
 
-    @node_rpc
+    @node_rpc(lock=("volume_id",))
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
@@ -176,7 +176,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         condition = csi_pb2.VolumeCondition(abnormal=stats.abnormal, message=stats.message or "healthy")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
-    @node_rpc
+    @node_rpc(lock=("volume_id",))
     def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:

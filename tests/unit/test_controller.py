@@ -35,7 +35,8 @@ def backends():
 
 
 @pytest.fixture
-def controller(backends, tmp_path):
+def served(backends, tmp_path):
+    """The service object (its locks) and a stub that reaches it over gRPC."""
     service = ControllerService(backends, default_backend="blk", max_volumes_per_node=3)
     server = CsiServer(
         parse_endpoint(f"unix://{tmp_path}/csi.sock"),
@@ -43,8 +44,13 @@ def controller(backends, tmp_path):
         ServerOptions(),
     )
     server.start()
-    yield csi_pb2_grpc.ControllerStub(grpc.insecure_channel(f"unix:{tmp_path}/csi.sock"))
+    yield service, csi_pb2_grpc.ControllerStub(grpc.insecure_channel(f"unix:{tmp_path}/csi.sock"))
     server.stop(0)
+
+
+@pytest.fixture
+def controller(served):
+    return served[1]
 
 
 def create(stub, name="pvc-1", size=GiB, limit=0, caps=None, **parameters):
@@ -374,16 +380,52 @@ def test_validate_and_capacity(controller):
     assert 0 < capacity <= 100 * GiB - GiB
 
 
-def test_second_operation_on_same_volume_is_aborted():
+def test_locks_refuse_a_held_key_at_once_and_release_it_on_any_exit():
     locks = OperationLocks()
-    with locks.hold("blk/vol-1"):
-        with pytest.raises(RpcError) as caught, locks.hold("blk/vol-1"):
+    with locks.hold("DeleteVolume", [("", "blk/vol-1")]):
+        with pytest.raises(RpcError) as caught, locks.hold("CreateSnapshot", [("", "blk/vol-2"), ("", "blk/vol-1")]):
             pass
         assert caught.value.code == grpc.StatusCode.ABORTED
-        with locks.hold("blk/vol-2"):
+        assert str(caught.value) == "DeleteVolume is still in progress on blk/vol-1; retry later"
+        with locks.hold("DeleteVolume", [("", "blk/vol-2"), ("", "")]):  # the refused call took nothing
             pass
-    with locks.hold("blk/vol-1"):
+    with pytest.raises(ValueError), locks.hold("DeleteVolume", [("", "blk/vol-1")]):
+        raise ValueError("the operation failed")
+    with locks.hold("DeleteVolume", [("", "blk/vol-1")]):
         pass
+
+
+def test_every_rpc_that_changes_a_volume_is_refused_while_another_holds_it(served):
+    service, stub = served
+    volume_id = create(stub).volume_id
+    calls = {
+        "DeleteVolume": csi_pb2.DeleteVolumeRequest(volume_id=volume_id),
+        "ControllerPublishVolume": csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=volume_id, node_id=NODE_A, volume_capability=capability()
+        ),
+        "ControllerUnpublishVolume": csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=NODE_A),
+        "ControllerExpandVolume": csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=2 * GiB)
+        ),
+        "ControllerModifyVolume": csi_pb2.ControllerModifyVolumeRequest(volume_id=volume_id),
+        "CreateSnapshot": csi_pb2.CreateSnapshotRequest(name="snap-1", source_volume_id=volume_id),
+    }
+    with service.locks.hold("DeleteVolume", [("", volume_id)]):
+        for rpc, request in calls.items():
+            answer = status_of(getattr(stub, rpc), request)
+            assert answer == (grpc.StatusCode.ABORTED, f"DeleteVolume is still in progress on {volume_id}; retry later")
+        stub.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume_id))  # reading takes no lock
+    stub.DeleteVolume(calls["DeleteVolume"])
+
+
+def test_a_name_is_held_within_its_rpc_only(served):
+    service, stub = served
+    source = create(stub).volume_id
+    with service.locks.hold("CreateSnapshot", [("CreateSnapshot", "pvc-2")]):
+        create(stub, name="pvc-2")  # a volume may have the name of a snapshot being made
+        request = csi_pb2.CreateSnapshotRequest(name="pvc-2", source_volume_id=source)
+        answer = status_of(stub.CreateSnapshot, request)
+        assert answer == (grpc.StatusCode.ABORTED, "CreateSnapshot is still in progress on name 'pvc-2'; retry later")
 
 
 def test_capabilities_cover_what_is_implemented(controller):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from e2e import runner
 from lab.ginkgo import ginkgo_counts
@@ -40,3 +41,18 @@ def test_summary_reads_the_last_ginkgo_line(tmp_path: Path) -> None:
     assert not result.failed
     assert result.summary == "e2e nfs: 5 Passed | 0 Failed | 0 Pending | 7668 Skipped in 301 s"
     assert runner.E2EResult("nfs", 1, 5, log, ginkgo_counts("panic: ...")).failed  # no summary: never a pass
+
+
+def test_the_ginkgo_cli_gets_the_same_run_and_only_absolute_paths(tmp_path: Path, monkeypatch) -> None:
+    control_plane = SimpleNamespace(bin=Path("/cache/bin"), admin_kubeconfig=Path("/run/lab/admin.conf"))
+    lab = SimpleNamespace(cluster=SimpleNamespace(control_plane=control_plane))
+    monkeypatch.chdir(tmp_path)
+    alone = runner.e2e_argv(lab, "nfs", True, Path("artifacts/e2e/nfs"))  # type: ignore[arg-type]
+    cli = runner.e2e_argv(lab, "nfs", True, Path("artifacts/e2e/nfs"), procs=3)  # type: ignore[arg-type]
+    assert alone[0] == "/cache/bin/e2e.test" and cli[:2] == ["/cache/bin/ginkgo", "--procs=3"]
+    binary = cli.index("/cache/bin/e2e.test")
+    assert cli[binary + 1] == "--"
+    suite = cli[binary + 2 :]
+    assert f"--report-dir={tmp_path}/artifacts/e2e/nfs" in suite
+    assert alone == ["/cache/bin/e2e.test", *suite, *(f"--ginkgo.{flag.lstrip('-')}" for flag in cli[2:binary])]
+    assert "--ginkgo.focus=External.Storage" in alone and "--ginkgo.v" in alone

@@ -304,7 +304,7 @@ def test_expand_unknown_volume_not_found(node, context):
 
 
 def test_second_call_while_one_is_in_flight_is_aborted(node, context):
-    with node.volumes.locks.hold(VOL, "NodeStageVolume"):
+    with node.service.locks.hold("NodeStageVolume", [("", VOL)]):
         code, details = code_of(node.service.NodePublishVolume, publish_request(node), context)
     assert code == grpc.StatusCode.ABORTED and "NodeStageVolume is still in progress" in details
 
