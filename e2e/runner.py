@@ -11,8 +11,11 @@ suite selects for Berth except what cannot run here (FULL_SKIP). Berth's docs ke
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
+import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,3 +101,15 @@ def run_e2e(lab: Lab, profile: str, out_dir: Path, full: bool = False, procs: in
         rc = subprocess.run(e2e_argv(lab, profile, full, report_dir, procs), stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, cwd=report_dir).returncode  # fmt: skip
     return E2EResult(profile, rc, time.monotonic() - t0, log, ginkgo_counts(log.read_text(errors="replace")))
+
+
+def skip_reasons(report_dir: Path) -> Counter[str]:
+    """Why the suite skipped specs it had selected (their Skip() at run time: a capability or volume type Berth
+    does not declare), by reason, from the JUnit reports; specs left out by the focus and skip flags give none."""
+    reasons: Counter[str] = Counter()
+    for report in report_dir.glob("junit*.xml"):
+        for skipped in ET.parse(report).iter("skipped"):
+            reason = skipped.get("message", "").removeprefix("skipped").lstrip(" -")
+            if reason:
+                reasons[re.sub(r"\s+", " ", reason).strip()] += 1
+    return reasons

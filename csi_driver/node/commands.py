@@ -29,7 +29,10 @@ class Result:
 
 
 class Runner(Protocol):
-    def run(self, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result: ...
+    def run(self, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Result:
+        """Raises CommandFailed (a non-zero exit when `check`; a missing program even without it), CommandTimeout
+        (still running after `timeout`: killed)."""
+        ...
 
 
 class LocalRunner:

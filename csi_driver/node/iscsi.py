@@ -78,7 +78,10 @@ PORTAL_LOCK_PATTERN = "os-brick-connect_to_iscsi_portal-*"
 class Connector(Protocol):
     """The part of os_brick's ISCSIConnector we use (a fake in unit tests)."""
 
-    def connect_volume(self, connection_properties: dict[str, Any]) -> dict[str, Any] | None: ...
+    def connect_volume(self, connection_properties: dict[str, Any]) -> dict[str, Any] | None:
+        """Log in and find the device. Raises no domain error: os-brick's own exceptions, of many types (the caller
+        turns them into AttachFailed)."""
+        ...
 
     def disconnect_volume(
         self,
@@ -86,9 +89,15 @@ class Connector(Protocol):
         device_info: dict[str, Any],
         force: bool = False,
         ignore_errors: bool = False,
-    ) -> None: ...
+    ) -> None:
+        """Flush, remove the devices, log out. Raises no domain error: os-brick's own exceptions, of many types (the
+        caller turns them into DetachFailed)."""
+        ...
 
-    def extend_volume(self, connection_properties: dict[str, Any]) -> int | None: ...
+    def extend_volume(self, connection_properties: dict[str, Any]) -> int | None:
+        """Rescan the paths and resize the map. Raises no domain error: os-brick's own exceptions, of many types (the
+        caller retries, then turns them into AttachFailed)."""
+        ...
 
 
 ConnectorFactory = Callable[[bool], Connector]

@@ -123,7 +123,11 @@ def filesystem_minimum_bytes(fs_type: str) -> int:
 
 
 class Exporter(Protocol):
-    """What differs between iSCSI and NFS: how a volume is made reachable, and by whom."""
+    """What differs between iSCSI and NFS: how a volume is made reachable, and by whom.
+
+    Every method that reaches the host may also raise the runner's errors (CommandFailed, CommandTimeout,
+    HostUnreachable), Busy (the host lock stayed taken, or the request's time ran out) and StorageError (any other
+    host failure); "Raises" below names what each adds."""
 
     protocol: str
     # False when prepare() has nothing to do for a fresh volume (not a clone): its LV is then created ready.
@@ -135,57 +139,75 @@ class Exporter(Protocol):
         ...
 
     def volume_context(self, lv: str) -> dict[str, str]:
-        """What a node needs besides the publish context (e.g. the LUN's WWN, the NFS export path)."""
+        """What a node needs besides the publish context (e.g. the LUN's WWN, the NFS export path).
+        Raises InvalidRequest (an invalid LV name)."""
         ...
 
     def minimum_bytes(self, parameters: Mapping[str, str]) -> int:
-        """The smallest volume that works with these StorageClass parameters (e.g. the filesystem's minimum)."""
+        """The smallest volume that works with these StorageClass parameters (e.g. the filesystem's minimum).
+        Raises nothing."""
         ...
 
     def check_parameters(self, parameters: Mapping[str, str]) -> None:
-        """Refuse (InvalidRequest) StorageClass parameters this protocol cannot honour, before anything is made."""
+        """Refuse StorageClass parameters this protocol cannot honour, before anything is made.
+        Raises InvalidRequest (nfs: bad nfsExportOptions)."""
         ...
 
     def prepare(self, lv: LvInfo, fresh: bool, max_bytes: int) -> None:
         """Make a new (or half-created) volume exportable, e.g. create its filesystem when `fresh`; a clone's
-        filesystem grows to its LV. max_bytes: the backend's size limit (the host refuses to grow beyond it)."""
+        filesystem grows to its LV. max_bytes: the backend's size limit (the host refuses to grow beyond it).
+        Raises (nfs; iscsi has nothing to do) InvalidRequest (a mount point outside the export root), NotFound (no
+        LV device), InUse (something else mounted there, or a foreign filesystem), OutOfRange (above max_bytes)."""
         ...
 
     def publish(self, lv: LvInfo, node: NodeRef, readonly: bool, secrets: Mapping[str, str]) -> dict[str, str]:
-        """Let `node` reach the volume; returns publish_context. Idempotent."""
+        """Let `node` reach the volume; returns publish_context. Idempotent.
+        Raises InvalidRequest (bad CHAP secrets; nfs: a node without addresses), NotFound (nfs: no LV device),
+        InUse (iscsi: the backstore or LUN 0 holds another device; nfs: something else mounted there),
+        HostNotReady (iscsi: no rtslib on the host)."""
         ...
 
     def unpublish(self, lv: LvInfo, node: NodeRef) -> None:
-        """Take `node`'s access away. Idempotent."""
+        """Take `node`'s access away. Idempotent.
+        Raises InvalidRequest (a bad initiator or addresses), InUse (iscsi: the target has no TPG 1),
+        HostNotReady (iscsi)."""
         ...
 
     def modify(self, lv: LvInfo) -> None:
         """Apply the mutable parameters in `lv`'s metadata to its live export, if it has one (publish applies them
-        to a new one). Idempotent."""
+        to a new one). Idempotent.
+        Raises InvalidRequest (bad export options), HostNotReady (iscsi)."""
         ...
 
     def teardown(self, lv: LvInfo) -> None:
-        """Remove every export of the volume before the LV goes. Idempotent."""
+        """Remove every export of the volume before the LV goes. Idempotent.
+        Raises InvalidRequest (an invalid LV name), InUse (iscsi: another target still uses the backstore; nfs: the
+        filesystem is still in use on the host), HostNotReady (iscsi)."""
         ...
 
     def grown(self, lv: LvInfo, max_bytes: int) -> bool:
         """Called after the LV grew, and on every retry of an expansion (so a grow that failed half-way is
-        finished); returns whether the node must also expand (NodeExpandVolume). Idempotent."""
+        finished); returns whether the node must also expand (NodeExpandVolume). Idempotent.
+        Raises (nfs; iscsi has nothing to do) NotFound (no LV device), InUse (something else mounted there),
+        OutOfRange (the LV is above max_bytes)."""
         ...
 
     @contextmanager
     def consistent(self, lv: LvInfo) -> Iterator[None]:
-        """Hold the volume consistent (e.g. a frozen filesystem) while a snapshot is taken."""
+        """Hold the volume consistent (e.g. a frozen filesystem) while a snapshot is taken.
+        Raises (nfs; iscsi has nothing to do) NotFound (not mounted), InUse (something else mounted there)."""
         ...
 
     def fence(self, lvs: Sequence[LvInfo], token: str, seconds: int) -> None:
         """Stop all I/O of the nodes to these volumes, at the storage host (a group snapshot's common instant): what
         the host acknowledged stays, what comes after waits in the nodes. Lifted by unfence(token), or by the host
-        itself after `seconds`. Raises StorageError."""
+        itself after `seconds`.
+        Raises InvalidRequest (a bad token or too many volumes), HostNotReady (iscsi)."""
         ...
 
     def unfence(self, token: str) -> None:
-        """Lift the fence `token` (idempotent). Raises StorageError."""
+        """Lift the fence `token` (idempotent).
+        Raises InvalidRequest (a bad token), HostNotReady (iscsi)."""
         ...
 
 

@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 from . import lio_host
-from .errors import AlreadyExists, Busy, HostNotReady, InvalidRequest, NotFound, StorageError
+from .errors import Busy, HostNotReady, InUse, InvalidRequest, NotFound, StorageError
 from .ids import check_initiator, check_lv_name, naa_wwn, target_iqn, volume_serial
 from .runner import HOST_START_MARGIN, CommandRunner, call_host_program
 
@@ -28,7 +28,10 @@ LIO_TIMEOUT = 90.0
 _KIND_TO_ERROR: dict[str, type[StorageError]] = {
     "invalid": InvalidRequest,
     "not_found": NotFound,
-    "conflict": AlreadyExists,
+    # The host holds something else where this volume's object should be (a backstore on another device, a LUN
+    # mapping another backstore, a backstore another target still uses): FAILED_PRECONDITION, as on NFS.
+    # ALREADY_EXISTS is the spec's answer for a name taken with other parameters, which the backend decides.
+    "conflict": InUse,
     "busy": Busy,
     "host_not_ready": HostNotReady,
 }

@@ -671,7 +671,7 @@ def op_fence(op: dict[str, Any]) -> dict[str, Any]:
     ]  # fmt: skip
     armed = run_command(timer)
     if armed.returncode != 0:
-        raise RequestError(f"cannot arm the fence's timer: {armed.stderr.strip()}")
+        raise RuntimeError(f"cannot arm the fence's timer: {armed.stderr.strip()}")  # the host's fault: internal
     for _, tpg in tpgs:
         tpg.enable = False
     return {"fenced": [iqn for iqn, _ in tpgs]}

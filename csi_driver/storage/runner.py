@@ -58,9 +58,15 @@ class CommandRunner(Protocol):
         input: bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         check: bool = True,
-    ) -> CommandResult: ...
+    ) -> CommandResult:
+        """Raises InvalidRequest (argv not a non-empty list of strings without NUL), CommandFailed (a non-zero exit
+        when `check`; local: a missing program even without it), CommandTimeout (still running after `timeout`; ssh:
+        no free session in time), HostUnreachable (ssh: connect or login failed, ssh exited 255, runner closed)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop the resident host programs and the connection. Raises nothing of its own."""
+        ...
 
 
 def c_locale_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -118,6 +124,8 @@ class LocalRunner:
             raise CommandTimeout(args, timeout, e.stderr or b"") from e
         except FileNotFoundError as e:
             raise CommandFailed(args, 127, f"{args[0]}: command not found") from e
+        except OSError as e:  # e.g. not executable: as a shell would answer, and never an unmapped error
+            raise CommandFailed(args, 126, f"{args[0]}: {e.strerror or e}") from e
         result = CommandResult(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
             raise CommandFailed(args, proc.returncode, proc.stderr, proc.stdout)
@@ -369,10 +377,13 @@ class SshRunner:
         if not self._sessions.acquire(blocking=False):
             return None
         try:
-            return _start_resident(self.command_args(args), self._env, self._sessions.release)
+            process = _start_resident(self.command_args(args), self._env, self._sessions.release)
         except BaseException:
             self._sessions.release()
             raise
+        if process is None:
+            self._sessions.release()
+        return process
 
     def _resident_lost(self, argv: list[str], rc: int, stderr: bytes) -> Exception:
         if rc != 255:  # see run(): ssh's own failure
@@ -407,11 +418,16 @@ class SshRunner:
         self.close()
 
 
-def _start_resident(argv: list[str], env: dict[str, str], on_exit: Callable[[], None]) -> ResidentProcess:
+def _start_resident(argv: list[str], env: dict[str, str], on_exit: Callable[[], None]) -> ResidentProcess | None:
+    """None when argv cannot be started at all (no such program, not executable): the caller's one-shot run of
+    the same argv then reports it as CommandFailed, where an OSError would escape every error mapping."""
     # stderr to a file, not a pipe nobody reads while the process waits for requests.
     stderr = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, bufsize=0)
+    except OSError:
+        stderr.close()
+        return None
     except BaseException:
         stderr.close()
         raise

@@ -56,3 +56,15 @@ def test_the_ginkgo_cli_gets_the_same_run_and_only_absolute_paths(tmp_path: Path
     assert f"--report-dir={tmp_path}/artifacts/e2e/nfs" in suite
     assert alone == ["/cache/bin/e2e.test", *suite, *(f"--ginkgo.{flag.lstrip('-')}" for flag in cli[2:binary])]
     assert "--ginkgo.focus=External.Storage" in alone and "--ginkgo.v" in alone
+
+
+def test_skip_reasons_count_the_specs_skipped_at_run_time(tmp_path: Path) -> None:
+    (tmp_path / "junit_01.xml").write_text(
+        '<testsuites><testsuite name="Kubernetes e2e suite">'
+        '<testcase name="a"><skipped message="skipped - Driver berth.csi.io doesn&apos;t support xfs -- skipping"/>'
+        '</testcase><testcase name="b"><skipped message="skipped -\n Driver berth.csi.io doesn&apos;t support xfs'
+        ' -- skipping"/></testcase>'
+        '<testcase name="c"><skipped message="skipped"/></testcase><testcase name="d"/>'
+        "</testsuite></testsuites>"
+    )
+    assert runner.skip_reasons(tmp_path) == {"Driver berth.csi.io doesn't support xfs -- skipping": 2}

@@ -10,10 +10,10 @@ import pytest
 
 from csi_driver.storage import ids
 from csi_driver.storage.errors import (
-    AlreadyExists,
     Busy,
     CommandFailed,
     HostNotReady,
+    InUse,
     InvalidRequest,
     NotFound,
     StorageError,
@@ -119,7 +119,7 @@ def test_ensure_published_is_one_process():
     "kind,cls",
     [
         ("not_found", NotFound),
-        ("conflict", AlreadyExists),
+        ("conflict", InUse),
         ("invalid", InvalidRequest),
         ("busy", Busy),
         ("host_not_ready", HostNotReady),

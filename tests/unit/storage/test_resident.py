@@ -98,3 +98,11 @@ def test_a_program_called_without_resident_always_runs_one_shot(runner):
     once = [call_host_program(runner, sys.executable, PROGRAM, "test", {"n": n}, 10, resident=False) for n in (1, 2)]
     assert [answer["mode"] for answer in once] == ["once", "once"] and once[0]["pid"] != once[1]["pid"]
     assert call(runner)["mode"] == "serve", "the others still go to their resident process"
+
+
+@pytest.mark.parametrize("python", ["/nonexistent/python3", "/etc/hostname"])
+def test_a_host_program_that_cannot_start_is_a_command_failure(runner, python):
+    """Not an OSError: that would escape the gRPC mapping and every `except StorageError` cleanup."""
+    with pytest.raises(CommandFailed) as caught:
+        call_host_program(runner, python, PROGRAM, "test", {}, 10)
+    assert caught.value.rc in (126, 127) and python in str(caught.value)
