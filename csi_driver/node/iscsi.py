@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from csi_driver.faults import fault_point
 
@@ -144,10 +144,7 @@ def brick_lock_sweeper(lock_dir: str) -> LockSweeper:
         _setup_os_brick(lock_dir)
         from os_brick.initiator.connectors import base
 
-        try:
-            base.synchronized("connect_volume", external=True, lock_path=lock_dir)(sweep_portal_locks)(lock_dir)
-        except OSError as err:  # leftover lock files cost disk entries, never correctness
-            log.warning("cannot remove os-brick lock files", extra={"lock_dir": lock_dir, "error": str(err)})
+        base.synchronized("connect_volume", external=True, lock_path=lock_dir)(sweep_portal_locks)(lock_dir)
 
     return sweep
 
@@ -318,8 +315,8 @@ class IscsiVolumes:
             self.runner.run(["blockdev", "--setro", device.path], timeout=30)
 
     def _undo_attach(self, props: dict[str, Any], record: StageRecord, path: str) -> None:
-        self._disconnect(self.connector_factory(record.multipath), props, path, force=True)
-        self.sweep_locks()
+        self._disconnect(self._connector(record.multipath, props, DetachFailed), props, path, force=True)
+        self._sweep_locks(props)
 
     def _mount_staging(self, record: StageRecord, device: str, undo: Rollback) -> None:
         current = self.mounter.table.at(record.staging_path)
@@ -358,9 +355,10 @@ class IscsiVolumes:
     def attach(
         self, props: dict[str, Any], multipath: bool, expected_wwn: str, secrets: Mapping[str, str]
     ) -> AttachedDevice:
+        # Built before anything changes on the node: a connector that cannot be built leaves nothing to undo.
+        connector = self._connector(multipath, props, AttachFailed)
         if secrets.get(SECRET_USER_IN):
             self._prepare_mutual_chap(props, secrets)
-        connector = self.connector_factory(multipath)
         try:
             info = connector.connect_volume(dict(props)) or {}
         except Exception as err:  # os-brick raises many unrelated types; all mean "no device"
@@ -378,24 +376,55 @@ class IscsiVolumes:
             found = self._sysfs_wwn(path) or found
         if expected_wwn and found != expected_wwn:
             log.error("WWN mismatch, detaching", extra={"expected": expected_wwn, "found": found, "path": path})
-            self._disconnect(connector, props, path, force=True)
-            raise WwnMismatch(
-                f"the device {path} behind {_describe(props)} has WWN {found or 'unknown'}, "
-                f"not {expected_wwn}; refusing to use it"
+            self._drop_wrong_attach(
+                connector,
+                props,
+                path,
+                WwnMismatch(
+                    f"the device {path} behind {_describe(props)} has WWN {found or 'unknown'}, "
+                    f"not {expected_wwn}; refusing to use it"
+                ),
             )
         wwn = found or expected_wwn
         if multipath and not _is_device_mapper(path):
             # os-brick gives up waiting for the map after ~10 s and returns one path; never use that.
             mapped = self._wait_for_map(wwn, self.multipath_wait)
             if mapped is None:
-                self._disconnect(connector, props, path, force=True)
-                raise AttachFailed(
-                    f"the paths of {_describe(props)} came up ({path}) but multipathd assembled no map for WWN "
-                    f"{wwn} within {self.multipath_wait:g} s; check that multipathd runs and that "
-                    "find_multipaths is not 'strict' (or the WWID is known)"
+                self._drop_wrong_attach(
+                    connector,
+                    props,
+                    path,
+                    AttachFailed(
+                        f"the paths of {_describe(props)} came up ({path}) but multipathd assembled no map for WWN "
+                        f"{wwn} within {self.multipath_wait:g} s; check that multipathd runs and that "
+                        "find_multipaths is not 'strict' (or the WWID is known)"
+                    ),
                 )
             path = mapped
         return AttachedDevice(path, wwn, multipath)
+
+    def _drop_wrong_attach(self, connector: Connector, props: dict[str, Any], path: str, reason: NodeError) -> NoReturn:
+        """Detach a device that must not be used and raise `reason`; a failed detach is DetachFailed, still naming
+        `reason` (why the device was dropped is what the operator needs first)."""
+        try:
+            self._disconnect(connector, props, path, force=True)
+        except DetachFailed as err:
+            raise DetachFailed(f"{reason}; detaching it failed too: {err}") from err
+        raise reason
+
+    def _connector(self, multipath: bool, props: Mapping[str, Any], failure: type[NodeError]) -> Connector:
+        """The os-brick connector; failing to build it fails the step like os-brick's own errors do."""
+        try:
+            return self.connector_factory(multipath)
+        except Exception as err:
+            raise failure(f"cannot set up os-brick's iSCSI connector for {_describe(props)}: {err}") from err
+
+    def _sweep_locks(self, props: Mapping[str, Any]) -> None:
+        try:
+            self.sweep_locks()
+        except Exception as err:  # leftover lock files cost disk entries, never correctness: the detach stands
+            extra = {"target": _describe(props), "error": str(err)}
+            log.warning("cannot remove os-brick's portal lock files", extra=extra)
 
     def _explain_login_failure(self, props: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
         """os-brick hides why no device came ("Volume device not found at .") and deletes the node records of a
@@ -477,7 +506,7 @@ class IscsiVolumes:
 
     def detach(self, record: StageRecord, device: str | None) -> None:
         props = dict(record.connection_properties)
-        connector = self.connector_factory(record.multipath)
+        connector = self._connector(record.multipath, props, DetachFailed)
         if device is not None:
             try:
                 self.fs.flush(device)
@@ -492,7 +521,7 @@ class IscsiVolumes:
             self._flush_map(map_device)
         map_gone = record.multipath and self.usable_device(record, wait=0) is None
         self._disconnect(connector, props, device or record.device_path, force=device is None or map_gone)
-        self.sweep_locks()
+        self._sweep_locks(props)
 
     def _flush_map(self, map_device: str) -> None:
         """Remove the volume's multipath map (`multipath -f`), waiting out udev's probes of it; os-brick then removes
@@ -585,7 +614,7 @@ class IscsiVolumes:
         return set(os.listdir(slaves)) if os.path.isdir(slaves) else set()
 
     def expand(self, record: StageRecord) -> int:
-        connector = self.connector_factory(record.multipath)
+        connector = self._connector(record.multipath, record.connection_properties, AttachFailed)
         deadline = time.monotonic() + EXPAND_RETRY_WINDOW
         while True:
             try:

@@ -45,10 +45,10 @@ class VolumeProtocol(Protocol):
     def stage(self, record: StageRecord, request: StageRequest, save: SaveRecord, undo: Rollback) -> None:
         """Attach and mount at record.staging_path; call `save` as soon as there is something to undo, and
         push the inverse of every step that changed the node onto `undo` right after it succeeded.
-        Raises InvalidVolume (iscsi: bad publish_context), AttachFailed, LoginRefused, WwnMismatch (iscsi: login or
-        device discovery), DetachFailed (iscsi: dropping a wrong attach failed), MountConflict (nfs: another mount
-        at the staging path; a non-directory there), PathUnusable (cannot create it), UnmountFailed, PathBusy
-        (iscsi: a stale mount there), FilesystemError (iscsi: foreign data, unreadable device, failed grow),
+        Raises InvalidVolume (iscsi: bad publish_context), AttachFailed, LoginRefused, WwnMismatch (iscsi: connector
+        set-up, login or device discovery), DetachFailed (iscsi: dropping a wrong attach failed), MountConflict (nfs:
+        another mount at the staging path; a non-directory there), PathUnusable (cannot create it), UnmountFailed,
+        PathBusy (iscsi: a stale mount there), FilesystemError (iscsi: foreign data, unreadable device, failed grow),
         CommandFailed, CommandTimeout (mount, mkfs, iscsiadm, blockdev)."""
         ...
 
@@ -60,7 +60,8 @@ class VolumeProtocol(Protocol):
     def unstage(self, record: StageRecord) -> None:
         """Undo stage; must work from the record alone, after a restart, with the device gone.
         Raises StillInUse (iscsi: a publish target still uses the device), UnmountFailed, PathBusy (the staging
-        mount), DetachFailed (iscsi: logout, device removal or map flush), CommandFailed, CommandTimeout."""
+        mount), DetachFailed (iscsi: connector set-up, logout, device removal or map flush),
+        CommandFailed, CommandTimeout."""
         ...
 
     def block_device(self, record: StageRecord) -> str | None:
@@ -75,8 +76,9 @@ class VolumeProtocol(Protocol):
 
     def expand(self, record: StageRecord) -> int:
         """Make the node see the new size (and grow the filesystem); returns the size in bytes or 0.
-        Raises (iscsi only; nfs does nothing) AttachFailed (the rescan kept failing), DeviceNotFound, FilesystemError
-        (the grow failed), CommandFailed, CommandTimeout (blockdev, a grow that timed out)."""
+        Raises (iscsi only; nfs does nothing) AttachFailed (connector set-up, or the rescan kept failing),
+        DeviceNotFound, FilesystemError (the grow failed), CommandFailed, CommandTimeout (blockdev, a grow that timed
+        out)."""
         ...
 
     def condition(self, record: StageRecord) -> str | None:

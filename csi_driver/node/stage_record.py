@@ -1,14 +1,16 @@
 """One JSON file per staged volume: everything NodeUnstage needs after a plugin restart, with the device gone.
 
-`<state_dir>/volumes/<quoted volume id>.json`, written atomically (temp file, fsync, rename, fsync dir), so a
-crash leaves the old record or the new one, never half of one. The state dir must be on the host (not
-container-local): losing these files is how other drivers leak iSCSI sessions (truenas-csi#55).
+`<state_dir>/volumes/<quoted volume id>.json` (or `sha256=<hex>.json`, see record_file_name), written atomically
+(temp file, fsync, rename, fsync dir), so a crash leaves the old record or the new one, never half of one. The state
+dir must be on the host (not container-local): losing these files is how other drivers leak iSCSI sessions
+(truenas-csi#55).
 
 CHAP secrets are never written: logout and device removal need no credentials.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,9 +19,13 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import PathUnusable
+
 log = logging.getLogger("berth.node.stage_record")
 
 FORMAT_VERSION = 1
+# Below NAME_MAX (255) with ".json"; a quoted 128-byte UTF-8 volume ID can take 384.
+MAX_QUOTED_NAME = 240
 _SECRET_KEYS = ("auth_password", "auth_username", "discovery_auth_password", "discovery_auth_username")
 
 
@@ -61,10 +67,12 @@ class StageRecord:
 
 
 def record_file_name(volume_id: str) -> str:
-    """Volume IDs contain "/"; percent-quoting is reversible, so two IDs never share a file."""
+    """Volume IDs contain "/"; percent-quoting is reversible, so two IDs never share a file. An ID too long once
+    quoted, or starting with "." (hidden, or "." and ".."), is named by its SHA-256: quote() always escapes "=", so
+    no quoted name looks like one."""
     name = urllib.parse.quote(volume_id, safe="")
-    if len(name) > 240 or name.startswith("."):
-        raise ValueError(f"volume ID {volume_id!r} cannot be a stage record file name")
+    if len(name) > MAX_QUOTED_NAME or name.startswith("."):
+        name = "sha256=" + hashlib.sha256(volume_id.encode()).hexdigest()
     return name + ".json"
 
 
@@ -82,9 +90,18 @@ class RecordStore:
         except FileNotFoundError:
             return None
         except ValueError:
-            return None  # a volume ID that cannot be a file name was never staged here
+            return None  # not JSON (or not UTF-8): counted as absent
 
     def save(self, record: StageRecord) -> None:
+        """Raises PathUnusable when the state dir cannot take the record (no space, read-only, permissions)."""
+        try:
+            self._write(record)
+        except OSError as err:
+            raise PathUnusable(
+                f"cannot write the stage record of volume {record.volume_id} in {self.dir}: {err}"
+            ) from err
+
+    def _write(self, record: StageRecord) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         final = self.path(record.volume_id)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)

@@ -3,9 +3,19 @@ import os
 import pytest
 
 from csi_driver.node.commands import Result
-from csi_driver.node.errors import AttachFailed, CommandFailed, InvalidVolume, LoginRefused, WwnMismatch, masked
+from csi_driver.node.errors import (
+    AttachFailed,
+    CommandFailed,
+    DetachFailed,
+    InvalidVolume,
+    LoginRefused,
+    WwnMismatch,
+    masked,
+)
 from csi_driver.node.iscsi import (
     ISCSI_ERR_LOGIN_AUTH_FAILED,
+    SECRET_PASSWORD_IN,
+    SECRET_USER_IN,
     connection_properties,
     normalize_wwn,
     targets_from_publish_context,
@@ -175,3 +185,66 @@ def test_a_multipath_detach_that_failed_half_way_is_finished_by_force(node):
     # dying path (ENXIO) would fail every non-forced retry.
     node.volumes.protocols["iscsi"].detach(_multipath_record(node), node.device)
     assert [e[3] for e in node.connector_log if e[0] == "disconnect"] == [True]  # force
+
+
+def _record(node) -> StageRecord:
+    return StageRecord("lab/vol-1", "iscsi", "/staging", "block", connection_properties=dict(PROPS),
+                       device_path=node.device, wwn=WWN)  # fmt: skip
+
+
+def _no_connector(multipath: bool) -> FakeConnector:
+    raise ImportError("No module named 'os_brick'")  # what a broken os-brick install raises while building it
+
+
+@pytest.mark.parametrize(
+    "step, error",
+    [
+        (lambda iscsi, node: iscsi.attach(dict(PROPS), False, WWN, {SECRET_USER_IN: "tgt", SECRET_PASSWORD_IN: "pw"}),
+         AttachFailed),
+        (lambda iscsi, node: iscsi.detach(_record(node), node.device), DetachFailed),
+        (lambda iscsi, node: iscsi.expand(_record(node)), AttachFailed),
+    ],
+    ids=["attach", "detach", "expand"],
+)  # fmt: skip
+def test_a_connector_that_cannot_be_built_fails_the_step_like_os_brick_does(node, step, error):
+    iscsi = node.volumes.protocols["iscsi"]
+    iscsi.connector_factory = _no_connector
+    with pytest.raises(error) as caught:
+        step(iscsi, node)
+    assert str(caught.value) == (
+        "cannot set up os-brick's iSCSI connector for iqn.x:v at 198.18.0.2:3260: No module named 'os_brick'"
+    )
+    assert node.system.calls == [] and node.connector_log == [], "nothing was changed on the node"
+
+
+def test_a_lock_sweep_that_fails_is_logged_and_the_detach_stands(node, caplog):
+    iscsi = node.volumes.protocols["iscsi"]
+
+    def broken_sweep() -> None:
+        raise PermissionError("lock_path is read-only")
+
+    iscsi.sweep_locks = broken_sweep
+    iscsi.detach(_record(node), node.device)
+    assert [e[0] for e in node.connector_log] == ["disconnect"]
+    assert "cannot remove os-brick's portal lock files" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "multipath, expected_wwn, reason",
+    [
+        (False, "6001405" + "0" * 25, f"has WWN {WWN}, not 6001405{'0' * 25}; refusing to use it"),
+        (True, WWN, f"multipathd assembled no map for WWN {WWN}"),
+    ],
+    ids=["wrong-wwn", "no-multipath-map"],
+)
+def test_a_wrong_device_that_cannot_be_detached_names_both_failures(node, multipath, expected_wwn, reason):
+    iscsi = node.volumes.protocols["iscsi"]
+    connector = FakeConnector(node.device, "3" + WWN, node.connector_log)
+    connector.disconnect_error = RuntimeError("map in use")
+    iscsi.connector_factory = lambda multipath: connector
+    with pytest.raises(DetachFailed) as caught:
+        iscsi.attach(dict(PROPS), multipath, expected_wwn, {})
+    assert type(caught.value) is DetachFailed
+    assert reason in str(caught.value), "why the device was dropped"
+    assert str(caught.value).endswith("detaching it failed too: iSCSI detach from iqn.x:v at 198.18.0.2:3260 failed: "
+                                      "map in use")  # fmt: skip

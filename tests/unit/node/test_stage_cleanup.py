@@ -1,11 +1,13 @@
 """A NodeStageVolume that fails leaves nothing behind (issue #13 items 3 and 13), and what it means for retries."""
 
+import errno
 import os
 
 import grpc
 import pytest
 
 from csi_driver.csi import csi_pb2
+from csi_driver.node import stage_record
 from csi_driver.node.commands import Result
 from csi_driver.node.iscsi import sweep_portal_locks
 from csi_driver.node.stage_record import RecordStore, StageRecord
@@ -75,6 +77,33 @@ def test_a_wrong_wwn_is_detached_once_and_leaves_no_record(node, context):
     code, details = code_of(node.service.NodeStageVolume, other, context)
     assert code == grpc.StatusCode.INTERNAL and "refusing" in details
     assert kinds(node).count("disconnect") == 1
+    assert record(node) is None
+
+
+def test_a_connector_that_cannot_be_built_is_a_named_internal_error_not_a_traceback(node, context):
+    def no_connector(multipath):
+        raise ImportError("No module named 'os_brick'")
+
+    node.volumes.protocols["iscsi"].connector_factory = no_connector
+    code, details = code_of(node.service.NodeStageVolume, stage_request(node), context)
+    assert code == grpc.StatusCode.INTERNAL
+    assert details.startswith("cannot set up os-brick's iSCSI connector") and "No module named" in details
+    assert record(node) is None and node.connector_log == []
+
+
+def test_a_stage_record_that_cannot_be_written_undoes_the_attach(node, context, monkeypatch):
+    mkstemp = stage_record.tempfile.mkstemp
+
+    def full_after_login(*args, **kwargs):
+        if "connect" in kinds(node):  # the save before login went through
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(stage_record.tempfile, "mkstemp", full_after_login)
+    code, details = code_of(node.service.NodeStageVolume, stage_request(node), context)
+    assert code == grpc.StatusCode.INTERNAL
+    assert f"cannot write the stage record of volume {VOL}" in details and "No space left" in details
+    assert kinds(node) == ["connect", "disconnect", "sweep locks"], "the login is undone"
     assert record(node) is None
 
 

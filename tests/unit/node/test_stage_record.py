@@ -1,9 +1,12 @@
+import hashlib
 import json
 import os
+import urllib.parse
 
 import pytest
 
 from csi_driver.node import stage_record
+from csi_driver.node.errors import PathUnusable
 from csi_driver.node.stage_record import RecordStore, StageRecord, record_file_name
 
 
@@ -45,6 +48,40 @@ def test_file_name_is_quoted_and_reversible():
     assert record_file_name("a/b") != record_file_name("a%2Fb")
 
 
+# CSI allows any UTF-8 volume ID of up to 128 bytes; quoted, one can take 384 characters (NAME_MAX is 255 bytes).
+@pytest.mark.parametrize(
+    "volume_id",
+    ["é" * 64, "/" * 128, "x" * 241, ".", "..", ".hidden"],
+    ids=["128-byte-utf8", "128-slashes", "241-chars", "dot", "dot-dot", "hidden"],
+)
+def test_any_volume_id_gets_a_record(tmp_path, volume_id):
+    store = RecordStore(str(tmp_path))
+    record = sample()
+    record.volume_id = volume_id
+    store.save(record)
+    assert len(os.path.basename(store.path(volume_id)).encode()) <= 255
+    assert store.load(volume_id).volume_id == volume_id
+    assert [r.volume_id for r in store.all()] == [volume_id]
+    store.delete(volume_id)
+    assert store.load(volume_id) is None and os.listdir(store.dir) == []
+
+
+def test_names_that_fit_stay_quoted_so_existing_records_are_found(tmp_path):
+    store = RecordStore(str(tmp_path))
+    os.makedirs(store.dir)
+    fits = "x" * 240
+    for volume_id in (fits, "lab-iscsi/vol-1"):  # files as the previous version wrote them
+        record = sample()
+        record.volume_id = volume_id
+        with open(os.path.join(store.dir, urllib.parse.quote(volume_id, safe="") + ".json"), "w") as f:
+            f.write(record.to_json())
+        assert store.load(volume_id).volume_id == volume_id
+    too_long = fits + "x"
+    hashed = "sha256=" + hashlib.sha256(too_long.encode()).hexdigest()
+    assert record_file_name(too_long) == hashed + ".json"
+    assert record_file_name(hashed) != record_file_name(too_long), "a quoted ID never looks like a hashed one"
+
+
 def test_unknown_future_keys_are_ignored(tmp_path):
     store = RecordStore(str(tmp_path))
     store.save(sample())
@@ -65,7 +102,7 @@ def test_failed_write_keeps_old_record_and_no_temp_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(stage_record.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(PathUnusable, match="stage record of volume lab-iscsi/vol-3f2a9c01d4e5b6a7c8d9 .*No space left"):
         store.save(changed)
     assert store.load(changed.volume_id).device_path == "/dev/sdb"
     assert os.listdir(store.dir) == [record_file_name(changed.volume_id)]
