@@ -19,6 +19,9 @@ log = logging.getLogger("berth.rpc")
 
 # A caller (or a sidecar) may send its own ID so one operation can be followed across components.
 REQUEST_ID_METADATA_KEY = "x-request-id"
+# Health checks: the livenessprobe sidecar calls Probe every few seconds, and those lines would drown every other
+# one. A failing one is still a warning.
+ROUTINE_METHODS = frozenset({"/csi.v1.Identity/Probe"})
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
@@ -102,9 +105,14 @@ class _Call:
             extra["messages"] = self.messages
         token = request_id.set(self.call_id)
         try:
-            log.log(logging.INFO if code == grpc.StatusCode.OK else logging.WARNING, "rpc", extra=extra)
+            log.log(self._level(code), "rpc", extra=extra)
         finally:
             request_id.reset(token)
+
+    def _level(self, code: grpc.StatusCode) -> int:
+        if code != grpc.StatusCode.OK:
+            return logging.WARNING
+        return logging.DEBUG if self.method in ROUTINE_METHODS else logging.INFO
 
     def cancelled(self) -> None:
         """gRPC's callback when the call terminates: a stream its caller left before the end is logged here."""

@@ -209,12 +209,15 @@ def test_interceptor_logs_method_code_duration_and_request_id(tmp_path):
     def broken_check():
         raise ValueError("a bug")
 
-    server = start(f"unix://{tmp_path}/csi.sock", checks=[broken_check])
+    checks = [broken_check]
+    server = start(f"unix://{tmp_path}/csi.sock", checks=[lambda: checks[0]()])
     try:
         stub = identity_stub(f"unix:{tmp_path}/csi.sock")
         stub.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), metadata=[("x-request-id", "req-42")], timeout=5)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Probe(csi_pb2.ProbeRequest(), timeout=5)
+        checks[0] = lambda: None
+        stub.Probe(csi_pb2.ProbeRequest(), timeout=5)  # a healthy Probe is routine: debug, not in an info log
     finally:
         server.stop(0)
     assert caught.value.code() == grpc.StatusCode.INTERNAL
@@ -223,7 +226,7 @@ def test_interceptor_logs_method_code_duration_and_request_id(tmp_path):
     rpcs = [r for r in records if r["msg"] == "rpc"]
     info = next(r for r in rpcs if r["method"].endswith("GetPluginInfo"))
     assert info["code"] == "OK" and info["request_id"] == "req-42" and info["duration_ms"] >= 0
-    probe = next(r for r in rpcs if r["method"].endswith("Probe"))
+    [probe] = [r for r in rpcs if r["method"].endswith("Probe")]
     assert probe["code"] == "INTERNAL" and probe["level"] == "warning"
     assert probe["details"].startswith("internal error in /csi.v1.Identity/Probe"), "details are text, not bytes"
     bug = next(r for r in records if r["msg"] == "unhandled error")
