@@ -19,7 +19,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import PathUnusable
+from .errors import CleanupFailed, PathUnusable
 
 log = logging.getLogger("berth.node.stage_record")
 
@@ -120,11 +120,15 @@ class RecordStore:
         _fsync_dir(self.dir)
 
     def delete(self, volume_id: str) -> None:
+        """Raises CleanupFailed when the record cannot be removed (a read-only state dir): the volume is then still
+        known as staged here, and a retry finds it."""
         try:
             os.unlink(self.path(volume_id))
+            _fsync_dir(self.dir)
         except FileNotFoundError:
             return
-        _fsync_dir(self.dir)
+        except OSError as err:
+            raise CleanupFailed(f"cannot remove the stage record of volume {volume_id} in {self.dir}: {err}") from err
 
     def all(self) -> list[StageRecord]:
         try:

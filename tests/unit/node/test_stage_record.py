@@ -6,7 +6,7 @@ import urllib.parse
 import pytest
 
 from csi_driver.node import stage_record
-from csi_driver.node.errors import PathUnusable
+from csi_driver.node.errors import CleanupFailed, PathUnusable
 from csi_driver.node.stage_record import RecordStore, StageRecord, record_file_name
 
 
@@ -106,6 +106,19 @@ def test_failed_write_keeps_old_record_and_no_temp_file(tmp_path, monkeypatch):
         store.save(changed)
     assert store.load(changed.volume_id).device_path == "/dev/sdb"
     assert os.listdir(store.dir) == [record_file_name(changed.volume_id)]
+
+
+def test_a_record_that_cannot_be_removed_is_a_cleanup_failure_and_stays(tmp_path, monkeypatch):
+    store = RecordStore(str(tmp_path))
+    store.save(sample())
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(stage_record.os, "unlink", read_only)
+    with pytest.raises(CleanupFailed, match="cannot remove the stage record of volume .*Read-only file system"):
+        store.delete(sample().volume_id)
+    assert store.load(sample().volume_id).device_path == sample().device_path
 
 
 def test_delete_is_idempotent(tmp_path):
