@@ -55,7 +55,9 @@ def test_the_ginkgo_cli_gets_the_same_run_and_only_absolute_paths(tmp_path: Path
     suite = cli[binary + 2 :]
     assert f"--report-dir={tmp_path}/artifacts/e2e/nfs" in suite
     assert alone == ["/cache/bin/e2e.test", *suite, *(f"--ginkgo.{flag.lstrip('-')}" for flag in cli[2:binary])]
-    assert "--ginkgo.focus=External.Storage" in alone and "--ginkgo.v" in alone
+    assert "--ginkgo.focus=External.Storage.*" in alone and "--ginkgo.v" in alone
+    block = runner.e2e_argv(lab, "iscsi-block", True, Path("r"))  # type: ignore[arg-type]
+    assert "--ginkgo.focus=External.Storage.*\\(block volmode\\)" in block
 
 
 def test_skip_reasons_count_the_specs_skipped_at_run_time(tmp_path: Path) -> None:
