@@ -52,10 +52,12 @@ BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # containerd's sandbox_image in Debian's containerd 1.6 (`containerd config default`), the current pause
 # release, the workload image of the smoke tests, and the e2e suite's pause and busybox (the names and tags of
 # test/utils/image/manifest.go in the pinned Kubernetes release: the suite's pods find them already present).
-# The storage suite also starts jessie-dnsutils (multiVolume) and nginx (volumes' exec test) pods, but only to run
-# shell commands in them: busybox stands in for both.
+# The storage suite also starts nginx pods (volumes' exec test), only to run shell commands in them: busybox
+# stands in. Its jessie-dnsutils pods (multiVolume) write raw block volumes with GNU dd's `oflag=nocache`, which
+# busybox's dd refuses: the Debian launcher image (coreutils, util-linux) stands in for that one.
 E2E_REPO = "registry.k8s.io/e2e-test-images"
-E2E_SHELL_IMAGES = ("busybox:1.37.0-1", "jessie-dnsutils:1.7", "nginx:1.14-4")
+E2E_SHELL_IMAGES = ("busybox:1.37.0-1", "nginx:1.14-4")
+JESSIE_DNSUTILS_REF = f"{E2E_REPO}/jessie-dnsutils:1.7"
 BUSYBOX_REFS = ("registry.k8s.io/pause:3.6", "registry.k8s.io/pause:3.10", "docker.io/library/busybox:1.36",
                 "registry.k8s.io/pause:3.10.1", *(f"{E2E_REPO}/{name}" for name in E2E_SHELL_IMAGES))  # fmt: skip
 AGNHOST_REF = f"{E2E_REPO}/agnhost:2.59"
@@ -128,7 +130,9 @@ def image_specs(repo: Path = config.REPO) -> list[ImageSpec]:
     ]
     busybox = ImageSpec("busybox", BUSYBOX_REFS, _hash(BUSYBOX.read_bytes(), *BUSYBOX_REFS, _module_digest()))
     agnhost = ImageSpec("agnhost", (AGNHOST_REF,), _hash(binaries, BUSYBOX.read_bytes(), _module_digest()))
-    launcher = ImageSpec("launcher", (LAUNCHER_REF,), _hash(config.SUITE, *LAUNCHER_PACKAGES, _module_digest()))
+    launcher_refs = (LAUNCHER_REF, JESSIE_DNSUTILS_REF)
+    launcher_key = _hash(config.SUITE, *LAUNCHER_PACKAGES, *launcher_refs, _module_digest())
+    launcher = ImageSpec("launcher", launcher_refs, launcher_key)
     return [berth_spec(repo), *sidecars, busybox, agnhost, launcher]
 
 

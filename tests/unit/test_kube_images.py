@@ -89,14 +89,16 @@ def test_references(repo: Path) -> None:
         f"registry.example.com/berth/berth:{__version__}",
         f"registry.example.com/berth/berth:lab-{berth.key}",
     )
-    assert specs.pop("launcher").refs == ("registry.example.com/berth/lab-launcher:qemu",)
+    assert specs.pop("launcher").refs == (
+        "registry.example.com/berth/lab-launcher:qemu",
+        "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7",
+    )
     assert specs.pop("busybox").refs == (
         "registry.k8s.io/pause:3.6",
         "registry.k8s.io/pause:3.10",
         "docker.io/library/busybox:1.36",
         "registry.k8s.io/pause:3.10.1",
         "registry.k8s.io/e2e-test-images/busybox:1.37.0-1",
-        "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7",
         "registry.k8s.io/e2e-test-images/nginx:1.14-4",
     )
     assert specs.pop("agnhost").refs == ("registry.k8s.io/e2e-test-images/agnhost:2.59",)
@@ -284,7 +286,8 @@ def test_e2e_refs_are_the_pinned_suites_own() -> None:
         pytest.skip(f"{manifest} not in the Go module cache (scripts/setup builds the lab's programs)")
     configs = dict(re.findall(r'configs\[(\w+)\] = Config\{list\.\w+, "([^"]+", "[^"]+)"\}', manifest.read_text()))
     tag = {name: value.replace('", "', ":") for name, value in configs.items()}
-    for image in ("BusyBox", "JessieDnsutils", "Nginx"):
+    for image in ("BusyBox", "Nginx"):
         assert f"{kube_images.E2E_REPO}/{tag[image]}" in kube_images.BUSYBOX_REFS
+    assert kube_images.JESSIE_DNSUTILS_REF == f"{kube_images.E2E_REPO}/{tag['JessieDnsutils']}"
     assert f"registry.k8s.io/{tag['Pause']}" in kube_images.BUSYBOX_REFS
     assert kube_images.AGNHOST_REF == f"{kube_images.E2E_REPO}/{tag['Agnhost']}"
