@@ -1,7 +1,8 @@
 """Layer 3's front door: stage, unstage, publish, unpublish, stats and expand, protocol-neutral.
 
-The CSI service calls only this. Protocol work goes through VolumeProtocol (iscsi.py, nfs.py); what must
-survive a restart goes into the stage record before the step that needs undoing.
+The CSI service calls only this, one call per volume at a time (its per-RPC lock). Protocol work goes through
+VolumeProtocol (iscsi.py, nfs.py); what must survive a restart goes into the stage record before the step that
+needs undoing.
 """
 
 from __future__ import annotations
