@@ -154,6 +154,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             source,
             default_bytes=DEFAULT_SIZE,
             mutable=request.mutable_parameters,
+            filesystems=[c.mount.fs_type for c in request.volume_capabilities if c.HasField("mount")],
         )
         return csi_pb2.CreateVolumeResponse(volume=self._volume_message(backend, volume))
 

@@ -245,6 +245,7 @@ class LvmBackend:
         source: ContentSource | None,
         default_bytes: int = 0,
         mutable: Mapping[str, str] | None = None,
+        filesystems: Sequence[str] = (),
     ) -> Volume:
         """Create, or finish creating, the volume for CSI name `name`; same name + same request → same volume.
 
@@ -252,7 +253,9 @@ class LvmBackend:
         Raises OutOfRange (above the backend's size limit, below the filesystem's minimum or the source's size, or
         beyond limit_bytes) and CapacityExhausted (the pool may not promise that much more) before anything is made;
         AlreadyExists for the same name with another request; NotFound for a missing source.
-        `mutable`: the mutable parameters, already checked against `mutable_parameters`.
+        `mutable`: the mutable parameters, already checked against `mutable_parameters`. `filesystems`: the fs
+        types the capabilities will format the volume with (Kubernetes passes csi.storage.k8s.io/fstype there, not
+        in the parameters); a new volume is at least as large as each needs.
         """
         lv = volume_lv_name(self.name, name)
         meta = {
@@ -272,7 +275,9 @@ class LvmBackend:
         else:
             self._check_parameters(parameters)
             source_info = self._source_info(source, view) if source is not None else None
-            size = self._new_volume_size(required_bytes, limit_bytes, parameters, source_info, default_bytes)
+            size = self._new_volume_size(
+                required_bytes, limit_bytes, parameters, source_info, default_bytes, filesystems
+            )
             capacity = view.capacity
             self._check_room(capacity, "volume")
             max_bytes = self._size_limit(capacity)
@@ -383,13 +388,14 @@ class LvmBackend:
         parameters: Mapping[str, str],
         source: LvInfo | None,
         default_bytes: int,
+        filesystems: Sequence[str] = (),
     ) -> int:
         """The size a new volume gets: what was asked (or its source's size, or the default), at least the
         filesystem's minimum and the source's size, rounded up to extents; OutOfRange when that breaks limit_bytes."""
         if not required_bytes:
             # No size asked: a clone is as large as its source, a new volume gets the default.
             required_bytes = source.size_bytes if source is not None else default_bytes
-        minimum = self.exporter.minimum_bytes(parameters)
+        minimum = max(self.exporter.minimum_bytes(parameters), *map(filesystem_minimum_bytes, filesystems), 0)
         if limit_bytes and limit_bytes < minimum:
             raise OutOfRange(
                 f"limit_bytes {limit_bytes} is below {minimum} bytes, the smallest volume this backend's "

@@ -236,6 +236,17 @@ def test_xfs_volumes_are_at_least_the_xfs_minimum(controller):
     assert create(controller, name="small-ext4", size=64 * MiB, fsType="ext4").capacity_bytes == 64 * MiB
 
 
+def test_an_xfs_capability_sizes_the_volume_like_the_fstype_parameter(controller):
+    """Kubernetes sends csi.storage.k8s.io/fstype as the capability's fs_type, not as a parameter: a 256 MiB claim
+    for xfs must not become a volume mkfs.xfs refuses at NodeStage (the e2e suite's xfs patterns found it)."""
+    volume = create(controller, name="claim-xfs", size=256 * MiB, caps=[capability(fs_type="xfs")])
+    assert volume.capacity_bytes >= 300 << 20
+    assert create(controller, name="claim-xfs", size=256 * MiB, caps=[capability(fs_type="xfs")]) == volume
+    assert create(controller, name="claim-ext4", size=256 * MiB, caps=[capability(fs_type="ext4")]).capacity_bytes == (
+        256 * MiB
+    )
+
+
 def test_snapshot_name_reused_for_another_source(controller):
     one, two = create(controller, "one"), create(controller, "two")
     controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=one.volume_id))
