@@ -11,7 +11,6 @@ suite selects for Berth except what cannot run here (FULL_SKIP). Berth's docs ke
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -115,5 +114,5 @@ def skip_reasons(report_dir: Path) -> Counter[str]:
         for skipped in ET.parse(report).iter("skipped"):
             reason = skipped.get("message", "").removeprefix("skipped").lstrip(" -")
             if reason:
-                reasons[re.sub(r"\s+", " ", reason).strip()] += 1
+                reasons[" ".join(reason.split())] += 1
     return reasons
