@@ -57,6 +57,10 @@ class PathUnusable(NodeError):
     """A staging or target path cannot be created (a file in the way, no space, a read-only filesystem)."""
 
 
+class RecordUnreadable(NodeError):
+    """A stage record exists but cannot be read or parsed: what its stage attached is unknown."""
+
+
 class CleanupFailed(NodeError):
     """Undoing a failed operation, or removing what Berth created, failed; the stage record keeps what is left."""
 

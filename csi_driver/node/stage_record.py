@@ -19,7 +19,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import CleanupFailed, PathUnusable
+from .errors import CleanupFailed, PathUnusable, RecordUnreadable
 
 log = logging.getLogger("berth.node.stage_record")
 
@@ -60,10 +60,16 @@ class StageRecord:
 
     @classmethod
     def from_json(cls, text: str) -> StageRecord:
+        """ValueError when the text is not a record (not JSON, not an object, a required field missing)."""
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
         known = {f for f in cls.__dataclass_fields__}
-        # Ignore keys from a newer plugin version rather than refuse to unstage.
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            # Ignore keys from a newer plugin version rather than refuse to unstage.
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise ValueError(str(err)) from err
 
 
 def record_file_name(volume_id: str) -> str:
@@ -84,13 +90,27 @@ class RecordStore:
         return os.path.join(self.dir, record_file_name(volume_id))
 
     def load(self, volume_id: str) -> StageRecord | None:
+        """None when the volume has no record. Raises RecordUnreadable for one that cannot be read: taking it for
+        absent would unstage nothing and leak the session and map it describes."""
+        path = self.path(volume_id)
         try:
-            with open(self.path(volume_id), encoding="utf-8") as f:
-                return StageRecord.from_json(f.read())
+            return _read(path)
         except FileNotFoundError:
             return None
-        except ValueError:
-            return None  # not JSON (or not UTF-8): counted as absent
+        except (OSError, ValueError) as err:
+            raise RecordUnreadable(
+                f"the stage record of volume {volume_id} ({path}) cannot be read: {err}. What its stage attached is "
+                "unknown: check this node's iSCSI sessions, multipath maps and mounts of the volume, then remove "
+                "the file"
+            ) from err
+
+    def set_aside(self, volume_id: str) -> None:
+        """Rename an unreadable record to `<name>.unreadable` (kept for a person to read, never loaded again)."""
+        path = self.path(volume_id)
+        try:
+            os.replace(path, path + ".unreadable")
+        except OSError as err:
+            raise PathUnusable(f"cannot set aside the unreadable stage record {path}: {err}") from err
 
     def save(self, record: StageRecord) -> None:
         """Raises PathUnusable when the state dir cannot take the record (no space, read-only, permissions)."""
@@ -139,11 +159,15 @@ class RecordStore:
         for name in names:
             if name.endswith(".json") and not name.startswith("."):
                 try:
-                    with open(os.path.join(self.dir, name), encoding="utf-8") as f:
-                        records.append(StageRecord.from_json(f.read()))
-                except (OSError, ValueError, TypeError) as err:
+                    records.append(_read(os.path.join(self.dir, name)))
+                except (OSError, ValueError) as err:
                     log.warning("unreadable stage record", extra={"file": name, "error": str(err)})
         return records
+
+
+def _read(path: str) -> StageRecord:
+    with open(path, encoding="utf-8") as f:
+        return StageRecord.from_json(f.read())
 
 
 def _fsync_dir(path: str) -> None:

@@ -20,6 +20,7 @@ from .errors import (
     MountConflict,
     NodeError,
     NotStaged,
+    RecordUnreadable,
     VolumeNotFound,
     WrongAccess,
 )
@@ -84,7 +85,15 @@ class NodeVolumes:
         request = replace(request, staging_path=checked_path(request.staging_path, "staging_target_path"))
         protocol = self._protocol(request.volume_context.get("protocol", ""))
         wanted = protocol.new_record(request)
-        existing = self.records.load(request.volume_id)
+        try:
+            existing = self.records.load(request.volume_id)
+        except RecordUnreadable as err:
+            # A new stage of the same volume attaches the same LUN or export, and its record replaces what is lost.
+            log.warning(
+                "setting aside an unreadable stage record", extra={"volume": request.volume_id, "error": str(err)}
+            )
+            self.records.set_aside(request.volume_id)
+            existing = None
         in_use = existing is not None and self._published(existing)
         if existing is not None:
             if protocol.is_staged(existing):
@@ -144,8 +153,7 @@ class NodeVolumes:
             if match(current):
                 if current.readonly != readonly:
                     raise MountConflict(
-                        f"target {target!r} is already published "
-                        f"{'read-only' if current.readonly else 'read-write'}"
+                        f"target {target!r} is already published {'read-only' if current.readonly else 'read-write'}"
                     )
                 self._remember_target(record, target, readonly)
                 return
@@ -202,7 +210,11 @@ class NodeVolumes:
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target = checked_path(target_path, "target_path")
         self.mounter.unmount_all(target)
-        record = self.records.load(volume_id)
+        try:
+            record = self.records.load(volume_id)
+        except RecordUnreadable as err:  # the target is unmounted; NodeUnstage reports the record
+            log.warning("unpublished with an unreadable stage record", extra={"volume": volume_id, "error": str(err)})
+            return
         if record is None:
             return  # nothing says Berth created the target, so it stays (CSI: the SP removes only its own)
         if target in record.created:

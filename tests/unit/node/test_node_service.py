@@ -225,6 +225,25 @@ def test_failed_detach_keeps_the_record(node, context):
     assert RecordStore(os.path.join(node.root, "state")).load(VOL) is not None
 
 
+def test_an_unreadable_stage_record_fails_unstage_and_is_replaced_by_a_new_stage(node, context):
+    node.service.NodeStageVolume(stage_request(node), context)
+    store = RecordStore(os.path.join(node.root, "state"))
+    with open(store.path(VOL), "w") as f:
+        f.write("{")  # a disk fault or a hand edit
+    staging = os.path.join(node.root, "staging")
+    unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id=VOL, staging_target_path=staging)
+    code, details = code_of(node.service.NodeUnstageVolume, unstage, context)
+    assert code == grpc.StatusCode.INTERNAL and "cannot be read" in details and store.path(VOL) in details
+    assert not [c for c in node.connector_log if c[0] == "disconnect"]  # nothing guessed
+    node.service.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=VOL, target_path=os.path.join(node.root, "mnt", "t")), context
+    )
+    node.service.NodeStageVolume(stage_request(node), context)
+    assert store.load(VOL).device_path == node.device and os.path.exists(store.path(VOL) + ".unreadable")
+    node.service.NodeUnstageVolume(unstage, context)
+    assert [c[0] for c in node.connector_log if c[0] == "disconnect"] == ["disconnect"]
+
+
 def test_unstage_refuses_while_still_published(node, context):
     node.service.NodeStageVolume(stage_request(node, block=True), context)
     node.service.NodePublishVolume(publish_request(node, block=True), context)

@@ -6,7 +6,7 @@ import urllib.parse
 import pytest
 
 from csi_driver.node import stage_record
-from csi_driver.node.errors import CleanupFailed, PathUnusable
+from csi_driver.node.errors import CleanupFailed, PathUnusable, RecordUnreadable
 from csi_driver.node.stage_record import RecordStore, StageRecord, record_file_name
 
 
@@ -127,3 +127,21 @@ def test_delete_is_idempotent(tmp_path):
     store.delete(sample().volume_id)
     store.delete(sample().volume_id)
     assert store.load(sample().volume_id) is None
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [("{not json", "Expecting property name"), (b"\xff\xfe", "codec"), ("[1, 2]", "a JSON list, not an object"),
+     ('{"volume_id": "v"}', "missing")],
+)  # fmt: skip
+def test_an_unreadable_record_is_never_taken_for_absent(tmp_path, text, why):
+    store = RecordStore(str(tmp_path))
+    os.makedirs(store.dir)
+    with open(store.path("v"), "wb") as f:
+        f.write(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RecordUnreadable) as caught:
+        store.load("v")
+    assert why in str(caught.value) and store.path("v") in str(caught.value)
+    assert store.all() == []  # the sweep skips it with a warning
+    store.set_aside("v")
+    assert store.load("v") is None and os.path.exists(store.path("v") + ".unreadable")
