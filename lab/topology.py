@@ -52,9 +52,11 @@ class Lab:
         owner_bound: bool = False,
         image_dir: Path | None = None,
         kubernetes: bool = False,
+        storage_cpus: int = 1,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.nodes = nodes
+        self.storage_cpus = storage_cpus  # vCPUs of the storage guest (each a host thread: qemu's MTTCG)
         self.keep = keep  # keep disks between runs instead of fresh overlays
         self.owner_bound = owner_bound  # guests die with this process (pytest); else they outlive it (CLI)
         self.image = image_dir
@@ -130,9 +132,10 @@ class Lab:
             role = "storage" if i == 0 else "node"
             specs.append(
                 GuestSpec(
-                    name=name, role=role, octet=1 if i == 0 else 10 + i, ssh_port=ports[i], machine_id=mid, mem_mb=1024
+                    name=name, role=role, octet=1 if i == 0 else 10 + i, ssh_port=ports[i], machine_id=mid, mem_mb=1024,
+                    smp=self.storage_cpus if i == 0 else 1,
                 )
-            )
+            )  # fmt: skip
         if self.cluster:
             # Control plane first (a few seconds natively): the kubelets find it as soon as they start.
             addresses = {s.name: f"{config.SUBNETS[0]}.{s.octet}" for s in specs[1:]}
@@ -317,13 +320,13 @@ class Lab:
 
 
 @contextmanager
-def running_lab(nodes: int = 2, kubernetes: bool = False) -> Iterator[Lab]:
+def running_lab(nodes: int = 2, kubernetes: bool = False, storage_cpus: int = 1) -> Iterator[Lab]:
     """The lab started by `python -m lab up` (synced to this tree), or one started for the block and stopped after
     it. The runners (sanity/run, e2e/run) use it."""
     try:
         lab = Lab.attach()
     except LabError:
-        lab = Lab(nodes=nodes, kubernetes=kubernetes)
+        lab = Lab(nodes=nodes, kubernetes=kubernetes, storage_cpus=storage_cpus)
         lab.up()
         try:
             yield lab
