@@ -24,6 +24,7 @@ from .errors import (
     Busy,
     CommandFailed,
     CommandTimeout,
+    HostNotReady,
     InUse,
     InvalidRequest,
     NotFound,
@@ -57,6 +58,7 @@ _KIND_TO_ERROR: dict[str, type[StorageError]] = {
     "in_use": InUse,
     "busy": Busy,
     "out_of_range": OutOfRange,
+    "host_not_ready": HostNotReady,
 }
 
 

@@ -10,7 +10,8 @@ volume, one exports file /etc/exports.d/berth-<lv>.exports per volume.
 
 Request:  {"v": 1, "op": "prepare|publish|unpublish|reconfigure|teardown|grow|freeze|thaw|fence|unfence|inventory", ...}
 Response: {"ok": true, "result": {...}}
-          {"ok": false, "error": {"kind": "invalid|not_found|conflict|in_use|busy|out_of_range|failed|timeout|internal",
+          {"ok": false, "error": {"kind": "invalid|not_found|conflict|in_use|busy|out_of_range|host_not_ready|failed|
+                                          timeout|internal",
                                   "message": "...", ["argv": [...], "rc": n, "stderr": "..."]}}
 Every value is validated here again: the host trusts nobody, and commands are argument lists, never shell text.
 """
@@ -105,6 +106,12 @@ class BusyError(RequestError):
 
 class OutOfRangeError(RequestError):
     kind = "out_of_range"
+
+
+class HostNotReadyError(RequestError):
+    """A program the NFS backend runs is not installed on the host: an operator must install it."""
+
+    kind = "host_not_ready"
 
 
 class CommandError(RequestError):
@@ -494,7 +501,9 @@ def run_command(argv: list[str], timeout: float) -> Result:
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
         )
     except FileNotFoundError:
-        return Result(127, "", f"{argv[0]}: command not found")
+        raise HostNotReadyError(
+            f"{argv[0]} is not installed on the storage host (docs/storage-host.md lists what the NFS backend needs)"
+        ) from None
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ from csi_driver.storage.errors import (
     Busy,
     CommandFailed,
     CommandTimeout,
+    HostNotReady,
     InUse,
     InvalidRequest,
     NotFound,
@@ -141,6 +142,7 @@ def test_bad_input_never_reaches_the_host():
         ({"kind": "conflict", "message": "x"}, InUse),
         ({"kind": "in_use", "message": "x"}, InUse),
         ({"kind": "busy", "message": "x"}, Busy),
+        ({"kind": "host_not_ready", "message": "x"}, HostNotReady),
         (
             {"kind": "timeout", "message": "x", "argv": ["umount", "/m"], "rc": -1, "stderr": "", "timeout": 60},
             CommandTimeout,

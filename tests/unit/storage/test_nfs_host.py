@@ -713,7 +713,8 @@ def test_main_reads_json_and_always_answers(sim: FakeSystem):
 
 def test_run_command_is_bounded():
     assert h.run_command(["true"], 5).rc == 0
-    assert h.run_command(["/nonexistent/berth-x"], 5).rc == 127
+    with pytest.raises(h.HostNotReadyError, match="/nonexistent/berth-x is not installed on the storage host"):
+        h.run_command(["/nonexistent/berth-x"], 5)
     with pytest.raises(h.CommandTimeoutError):
         h.run_command(["sleep", "5"], 0.2)
 
@@ -773,3 +774,10 @@ def test_fence_requests_are_validated(sim: FakeSystem):
     ):
         error = fence_request(sim, "fence", **fields)["error"]
         assert error["kind"] == "invalid" and message in error["message"], (fields, error)
+
+
+def test_a_program_missing_on_the_host_is_host_not_ready(sim: FakeSystem):
+    sim.host.run = lambda argv, timeout: h.run_command(["/nonexistent/" + argv[0]], timeout)
+    response = sim.request("prepare", vg=VG, filesystem="xfs", fresh=True, max_bytes=LIMIT)
+    assert response["error"]["kind"] == "host_not_ready", response
+    assert "is not installed on the storage host" in response["error"]["message"]
