@@ -7,9 +7,11 @@ operations and refuses anything else, so the key no longer opens a root shell:
 - the LVM commands the controller runs, each with only the options Berth uses (an option such as `--config` can
   make LVM run a program of the caller's choosing);
 - `sync -f` of an absolute path (an NFS volume's export);
-- Berth's host programs (lio_host.py, nfs_host.py, thin_metadata_host.py) as `python3 -c <source> [--serve]`,
-  recognised by the SHA-256 of their source: `berth host-command` writes this file with the digests of its own
-  release filled in, so a controller of another release is refused until the host gets that release's berth-host.
+- Berth's host programs (lio_host.py, nfs_host.py, thin_metadata_host.py, and this file itself) as
+  `python3 -c <source> [--serve]`, recognised by the SHA-256 of their source: `berth host-command` writes this file
+  with the digests of its own release filled in, so a controller of another release is refused until the host gets
+  that release's berth-host. This file sent so (`--serve`, see serve()) is the controller's resident runner of the
+  first two kinds, with the same checks; the copy it sends has no digests, so it runs no host program.
 Runs on the storage host with python3's standard library only, as the host programs do, once per command. It
 starts isolated and without site (`-IS`) and imports only what the command needs: on an emulated host each import
 costs a good share of an LVM command's CPU. The command is split as the controller quotes it (shlex.quote per
@@ -38,6 +40,8 @@ LVM_OPTIONS: dict[str, dict[str, bool]] = {
     "lvrename": {},
 }  # fmt: skip
 SERVE_ARGS: tuple[list[str], ...] = ([], ["--serve"])
+# What the resident mode (serve) runs: every command but the host programs.
+RESIDENT_COMMANDS = frozenset([*LVM_OPTIONS, "sync"])
 # shlex.quote leaves a word bare when it holds only these (ASCII) characters, and single-quotes it otherwise.
 BARE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
 
@@ -48,7 +52,11 @@ class Refused(Exception):
 
 def decide(command: str) -> list[str]:
     """The argv to execute for ssh's original command; Refused when it is not one of Berth's operations."""
-    argv = split_quoted(command)
+    return check_argv(split_quoted(command))
+
+
+def check_argv(argv: list[str]) -> list[str]:
+    """The argv to execute for the controller's argv; Refused when it is not one of Berth's operations."""
     if not argv:
         raise Refused("no command: berth-host never opens a shell")
     name, args = argv[0], argv[1:]
@@ -115,7 +123,43 @@ def _check_options(name: str, args: list[str], options: dict[str, bool]) -> None
         i += 1
 
 
+def serve() -> int:
+    """Resident mode (`python3 -c <this source> --serve`, csi_driver/storage/resident.py): the controller's LVM and
+    sync commands, one JSON request line each, {"v": 1, "argv": [...]}, answered with one line, {"rc": n,
+    "stdout": "...", "stderr": "..."} or {"refused": "why"}, after the same checks as a forced command. Each command
+    then costs the host no ssh session, shell or python3 start of its own. Until stdin ends."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, LANG="C", LC_ALL="C", PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            argv = request["argv"]
+            if not isinstance(argv, list) or not all(isinstance(a, str) and "\0" not in a for a in argv):
+                raise Refused("argv must be a list of strings")
+            if argv[:1] and argv[0] not in RESIDENT_COMMANDS:
+                raise Refused(f"{argv[0]!r} is not a command this mode runs")
+            argv = check_argv(argv)
+        except Refused as err:
+            answer: dict[str, object] = {"refused": str(err)}
+        except (ValueError, KeyError, TypeError) as err:
+            answer = {"refused": f"not a request: {err}"}
+        else:
+            try:
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env, check=False)
+                answer = {"rc": done.returncode, "stdout": done.stdout.decode("utf-8", "replace"),
+                          "stderr": done.stderr.decode("utf-8", "replace")}  # fmt: skip
+            except OSError as err:  # as a shell reports a program it cannot run
+                answer = {"rc": 127, "stdout": "", "stderr": f"{argv[0]}: {err.strerror}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
 def main() -> int:  # returns only when refusing
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
     command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
     try:
         argv = decide(command)

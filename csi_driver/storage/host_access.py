@@ -4,22 +4,21 @@
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 
-from . import lio, nfs, thin_metadata
+from . import lio, nfs, runner, thin_metadata
 
 PLACEHOLDER = "PROGRAM_DIGESTS: frozenset[str] = frozenset()"
 
 
 def program_digests() -> list[str]:
     """SHA-256 of each host program's source, exactly as the controller sends it (`python3 -c <source>`)."""
-    sources = (lio.host_program(), nfs.host_program(), thin_metadata.host_program())
+    sources = (lio.host_program(), nfs.host_program(), thin_metadata.host_program(), runner.berth_host_program())
     return sorted(hashlib.sha256(source.encode()).hexdigest() for source in sources)
 
 
 def berth_host_script() -> str:
     """/usr/local/sbin/berth-host for this release: an executable python3 script."""
-    source = resources.files("csi_driver.storage").joinpath("berth_host.py").read_text(encoding="utf-8")
+    source = runner.berth_host_program()
     if PLACEHOLDER not in source:
         raise RuntimeError("berth_host.py has no digest placeholder")
     filled = source.replace(PLACEHOLDER, f"PROGRAM_DIGESTS: frozenset[str] = frozenset({program_digests()!r})", 1)

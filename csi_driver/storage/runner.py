@@ -19,19 +19,30 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from typing import Any, Protocol, runtime_checkable
 
+from .berth_host import REFUSED_EXIT, RESIDENT_COMMANDS
 from .errors import CommandFailed, CommandTimeout, HostUnreachable, InvalidRequest
 from .resident import ResidentProcess, ResidentPrograms
 
 log = logging.getLogger("berth.storage.ssh")
 
 DEFAULT_TIMEOUT = 60.0
+HOST_PYTHON = "python3"  # the storage host's interpreter for host programs (restricted: berth-host's own)
 # sshd's MaxSessions defaults to 10 multiplexed sessions per connection; the 11th fails like a dead host.
 DEFAULT_MAX_SESSIONS = 8
 # What a host program may need before its first line runs (ssh connection, interpreter start). Host programs stop
 # acting this long before the controller's timeout, since a timeout kills only the local ssh, never the remote side.
 HOST_START_MARGIN = 30.0
+
+
+@cache
+def berth_host_program() -> str:
+    """Source of berth_host.py, as shipped in the package: the forced command of restricted hosts, and over SSH the
+    resident runner of LVM and sync commands (sent verbatim, without the digests `berth host-command` fills in)."""
+    return resources.files("csi_driver.storage").joinpath("berth_host.py").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -340,6 +351,12 @@ class SshRunner:
         check: bool = True,
     ) -> CommandResult:
         args = _validate_argv(argv)
+        if input is None and args[0] in RESIDENT_COMMANDS:
+            result = self._run_resident(args, timeout)
+            if result is not None:
+                if check and result.rc != 0:
+                    raise CommandFailed(args, result.rc, result.stderr, result.stdout)
+                return result
         self._ensure_master()
         self._take_session(args, timeout)
         try:
@@ -368,6 +385,21 @@ class SshRunner:
         if check and proc.returncode != 0:
             raise CommandFailed(args, proc.returncode, proc.stderr, proc.stdout)
         return result
+
+    def _run_resident(self, args: list[str], timeout: float) -> CommandResult | None:
+        """An LVM or sync command through the resident berth_host.py (each such command used to cost the host an
+        ssh session, a shell and, restricted, a python3 start of berth-host); None when it is busy or cannot start,
+        and the caller runs the command itself."""
+        request = json.dumps({"v": 1, "argv": args}).encode()
+        response = self.resident.call([HOST_PYTHON, "-c", berth_host_program()], request, timeout, args)
+        if response is None:
+            return None
+        if "refused" in response:
+            return CommandResult(REFUSED_EXIT, b"", f"berth-host: refused: {response['refused']}".encode())
+        try:
+            return CommandResult(int(response["rc"]), response["stdout"].encode(), response["stderr"].encode())
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CommandFailed(args, -1, f"berth_host.py answered {str(response)[:200]}".encode()) from None
 
     def _spawn(self, argv: list[str]) -> ResidentProcess | None:
         """A resident host program over the master; it holds one of max_sessions for its whole life, so it starts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from csi_driver.storage import lio, nfs, thin_metadata
 from csi_driver.storage.berth_host import REFUSED_EXIT, Refused, split_quoted
 from csi_driver.storage.host_access import berth_host_script
-from csi_driver.storage.runner import remote_command
+from csi_driver.storage.runner import berth_host_program, remote_command
 from tests.unit.storage.fakes import FakeRunner, decide
 
 
@@ -22,7 +23,9 @@ def command(*argv: str) -> str:
     return remote_command(list(argv))  # what sshd puts in SSH_ORIGINAL_COMMAND
 
 
-@pytest.mark.parametrize("program", [lio.host_program(), nfs.host_program(), thin_metadata.host_program()])
+@pytest.mark.parametrize(
+    "program", [lio.host_program(), nfs.host_program(), thin_metadata.host_program(), berth_host_program()]
+)
 @pytest.mark.parametrize("extra", [[], ["--serve"]])
 def test_this_releases_host_programs_run_with_the_hosts_python(program: str, extra: list[str]) -> None:
     assert decide(command("/opt/odd/python3", "-c", program, *extra)) == [sys.executable, "-c", program, *extra]
@@ -91,3 +94,22 @@ def test_the_installed_script_refuses_and_runs(tmp_path) -> None:
     assert over_ssh(command("python3", "-c", lio.host_program(), "--help")).returncode == REFUSED_EXIT
     synced = over_ssh(command("sync", "-f", "/"))
     assert synced.returncode == 0, synced.stderr
+
+
+def test_the_resident_mode_runs_what_the_forced_command_would_and_refuses_the_rest() -> None:
+    requests = [
+        {"v": 1, "argv": ["sync", "-f", "/"]},
+        {"v": 1, "argv": ["sync", "-f", "/berth-no-such-dir"]},
+        {"v": 1, "argv": ["lvs", "--config", "global{thin_check_executable=/tmp/x}", "berth"]},
+        {"v": 1, "argv": ["python3", "-c", lio.host_program()]},  # a host program: never from the resident
+        {"v": 1, "argv": ["id"]},
+        {"v": 1, "argv": "sync -f /"},
+    ]
+    lines = "".join(json.dumps(r) + "\n" for r in requests) + "not json\n"
+    served = subprocess.run([sys.executable, "-c", berth_host_program(), "--serve"], input=lines, capture_output=True,
+                            text=True, timeout=60, check=True)  # fmt: skip
+    answers = [json.loads(line) for line in served.stdout.splitlines()]
+    assert answers[0] == {"rc": 0, "stdout": "", "stderr": ""}
+    assert answers[1]["rc"] == 1 and "berth-no-such-dir" in answers[1]["stderr"]
+    assert "--config is not an option Berth uses" in answers[2]["refused"]
+    assert all("refused" in a for a in answers[3:]) and len(answers) == 7

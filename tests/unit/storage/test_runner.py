@@ -315,3 +315,20 @@ def test_at_most_max_sessions_commands_at_once(fake_ssh, tmp_path):
         r.close()
     peaks = [int(x) for x in (tmp_path / "peaks").read_text().split()]
     assert len(peaks) == 5 and max(peaks) <= 2
+
+
+def test_lvm_and_sync_commands_run_through_one_resident_berth_host(fake_ssh):
+    script, log = fake_ssh
+    r = SshRunner("storage.example", ssh_binary=str(script))
+    try:
+        for _ in range(3):
+            assert r.run(["sync", "-f", "/"]).rc == 0
+        with pytest.raises(CommandFailed) as refused:
+            r.run(["lvs", "--config", "global{thin_check_executable=/tmp/x}", "berth"])
+        assert refused.value.rc == 126 and "berth-host: refused" in refused.value.stderr
+        failed = r.run(["sync", "-f", "/berth-no-such-dir"], check=False)
+        assert failed.rc == 1 and b"berth-no-such-dir" in failed.stderr
+    finally:
+        r.close()
+    sessions = [c[-1] for c in logged(log) if "--" in c]
+    assert len(sessions) == 1 and sessions[0].endswith(" --serve"), "one ssh session served all five"
