@@ -132,7 +132,8 @@ def command_kind(argv: Sequence[str]) -> str:
 
 
 def _program_name(source: str) -> str:
-    known = {lio.host_program(): "<lio_host>", nfs.host_program(): "<nfs_host>"}
+    known = {lio.host_program(): "<lio_host>", nfs.host_program(): "<nfs_host>",
+             runner_module.berth_host_program(): "<berth_host>"}  # fmt: skip
     return known.get(source, "<script>")
 
 
@@ -155,7 +156,8 @@ def install_command_log() -> CommandLog:
     def call(self: Any, argv: Sequence[str], request: bytes, timeout: float, label: list[str]) -> Any:
         t0 = time.monotonic()
         response = original_call(self, argv, request, timeout, label)
-        if response is not None:  # else it runs one-shot, through run()
+        # None: it runs one-shot, through run(); berth_host.py serves LVM and sync commands, which run() records.
+        if response is not None and _program_name(argv[2]) != "<berth_host>":
             log.record(f"{command_kind(argv)} resident", time.monotonic() - t0)
         return response
 
