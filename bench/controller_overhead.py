@@ -373,8 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with lab_storage(args.attach) as (lab, host):
         service, config = lab_controller(host)
         runner = next(iter(service.backends.values())).pool.runner
+
+        def typed(argv: list[str], **kwargs: Any) -> Any:
+            """The bare side's commands: each its own ssh session, as an operator types them (stdin given, even
+            empty, keeps a command off the runner's resident berth_host.py)."""
+            return runner.run(argv, **{"input": b"", **kwargs})
+
         portals = config.backends["lab-iscsi"].iscsi.portals  # type: ignore[union-attr]
-        bare_cleanup(runner.run)
+        bare_cleanup(typed)
         ssh_rtt = []
         for _ in range(5):
             t0 = time.monotonic()
@@ -389,12 +395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for rpc, (seconds, entries) in measured.items():
                         berth[protocol][rpc].append(seconds)
                         commands[protocol][rpc].append(entries)
-                    for rpc, seconds in bare_round(runner.run, protocol, tag, portals).items():
+                    for rpc, seconds in bare_round(typed, protocol, tag, portals).items():
                         bare[protocol][rpc].append(seconds)
                     log.take()
                 print(f"[bench] round {i + 1}/{args.rounds} done", flush=True)
         finally:
-            bare_cleanup(runner.run)
+            bare_cleanup(typed)
             runner.close()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "csi_driver"], cwd=REPO, capture_output=True, text=True)
