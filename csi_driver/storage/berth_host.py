@@ -13,9 +13,9 @@ operations and refuses anything else, so the key no longer opens a root shell:
   that release's berth-host. This file sent so (`--serve`, see serve()) is the controller's resident runner of the
   first two kinds, with the same checks; the copy it sends has no digests, so it runs no host program.
 Runs on the storage host with python3's standard library only, as the host programs do; as the forced command, once
-per command. It starts isolated and without site (`-IS`) and imports only what the command needs: on an emulated host each import
-costs a good share of an LVM command's CPU. The command is split as the controller quotes it (shlex.quote per
-argument, see split_quoted) and executed without a shell.
+per command. It starts isolated and without site (`-IS`) and imports only what the command needs: on an emulated
+host each import costs a good share of an LVM command's CPU. The command is split as the controller quotes it
+(shlex.quote per argument, see split_quoted) and executed without a shell.
 """
 
 from __future__ import annotations
