@@ -60,17 +60,18 @@ def test_the_ginkgo_cli_gets_the_same_run_and_only_absolute_paths(tmp_path: Path
     assert "--ginkgo.focus=External.Storage.*\\(block volmode\\)" in block
 
 
-def test_the_ci_subset_runs_its_specs_at_once_and_the_full_suite_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+def test_the_ci_subset_runs_iscsi_fs_two_specs_at_a_time_and_the_full_suite_one(tmp_path: Path, monkeypatch) -> None:
     control_plane = SimpleNamespace(bin=Path("/cache/bin"), admin_kubeconfig=Path("/run/lab/admin.conf"))
     lab = SimpleNamespace(cluster=SimpleNamespace(control_plane=control_plane))
     argvs: list[list[str]] = []
     monkeypatch.setattr(runner.subprocess, "run", lambda argv, **_: argvs.append(argv) or SimpleNamespace(returncode=0))
+    runner.run_e2e(lab, "iscsi-fs", tmp_path)  # type: ignore[arg-type]
     runner.run_e2e(lab, "iscsi-block", tmp_path)  # type: ignore[arg-type]
-    runner.run_e2e(lab, "iscsi-block", tmp_path, full=True)  # type: ignore[arg-type]
-    runner.run_e2e(lab, "iscsi-block", tmp_path, full=True, procs=4)  # type: ignore[arg-type]
-    assert argvs[0][:2] == ["/cache/bin/ginkgo", f"--procs={len(runner.CI_FOCUS['iscsi-block'])}"]
-    assert argvs[1][0] == "/cache/bin/e2e.test"
-    assert argvs[2][:2] == ["/cache/bin/ginkgo", "--procs=4"]
+    runner.run_e2e(lab, "iscsi-fs", tmp_path, full=True)  # type: ignore[arg-type]
+    runner.run_e2e(lab, "iscsi-fs", tmp_path, full=True, procs=4)  # type: ignore[arg-type]
+    assert argvs[0][:2] == ["/cache/bin/ginkgo", "--procs=2"]
+    assert argvs[1][0] == argvs[2][0] == "/cache/bin/e2e.test"
+    assert argvs[3][:2] == ["/cache/bin/ginkgo", "--procs=4"]
 
 
 def test_skip_reasons_count_the_specs_skipped_at_run_time(tmp_path: Path) -> None:
