@@ -15,6 +15,7 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,13 +80,17 @@ class E2EResult:
                 f"{c['Skipped']} Skipped in {self.seconds:.0f} s")  # fmt: skip
 
 
-def e2e_argv(lab: Lab, profile: str, full: bool, report_dir: Path, procs: int = 1) -> list[str]:
+def e2e_argv(
+    lab: Lab, profile: str, full: bool, report_dir: Path, procs: int = 1, focus: Sequence[str] = ()
+) -> list[str]:
     """e2e.test alone, or under the ginkgo CLI with `procs` specs at a time: a spec here mostly waits for kubelet,
-    the attacher and TCG guests, so the full suite gains from running several at once. The CLI runs e2e.test in
-    the binary's directory, so every path given to it must be absolute."""
+    the attacher and TCG guests, so the full suite gains from running several at once. `focus` (regexps) replaces
+    the profile's own, e.g. to run one pattern of the full suite. The CLI runs e2e.test in the binary's directory,
+    so every path given to it must be absolute."""
     assert lab.cluster
     cp = lab.cluster.control_plane
-    focus = [rf"External.Storage.*{f}" for f in (FULL_FOCUS.get(profile, [""]) if full else CI_FOCUS[profile])]
+    focus = focus or (FULL_FOCUS.get(profile, [""]) if full else CI_FOCUS[profile])
+    focus = [rf"External.Storage.*{f}" for f in focus]
     ginkgo = ["--no-color", "--timeout=4h", "-v", *(f"--focus={f}" for f in focus), f"--skip={FULL_SKIP}"]
     suite = [
         f"--kubeconfig={cp.admin_kubeconfig}", f"--kubectl-path={cp.bin / 'kubectl'}",
@@ -99,7 +104,9 @@ def e2e_argv(lab: Lab, profile: str, full: bool, report_dir: Path, procs: int = 
     return [str(cp.bin / "ginkgo"), f"--procs={procs}", *ginkgo, str(cp.bin / "e2e.test"), "--", *suite]
 
 
-def run_e2e(lab: Lab, profile: str, out_dir: Path, full: bool = False, procs: int | None = None) -> E2EResult:
+def run_e2e(
+    lab: Lab, profile: str, out_dir: Path, full: bool = False, procs: int | None = None, focus: Sequence[str] = ()
+) -> E2EResult:
     """One profile; the suite's output goes to out_dir/<profile>.log and its JUnit to out_dir/<profile>/. By
     default the full suite runs one spec at a time, the CI subset CI_PROCS."""
     procs = procs or (1 if full else CI_PROCS.get(profile, 1))
@@ -108,7 +115,7 @@ def run_e2e(lab: Lab, profile: str, out_dir: Path, full: bool = False, procs: in
     log = out_dir / f"{profile}.log"
     t0 = time.monotonic()
     with open(log, "w") as out:
-        rc = subprocess.run(e2e_argv(lab, profile, full, report_dir, procs), stdout=out, stderr=subprocess.STDOUT,
+        rc = subprocess.run(e2e_argv(lab, profile, full, report_dir, procs, focus), stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, cwd=report_dir).returncode  # fmt: skip
     return E2EResult(profile, rc, time.monotonic() - t0, log, ginkgo_counts(log.read_text(errors="replace")))
 

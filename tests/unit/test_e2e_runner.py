@@ -58,6 +58,8 @@ def test_the_ginkgo_cli_gets_the_same_run_and_only_absolute_paths(tmp_path: Path
     assert "--ginkgo.focus=External.Storage.*" in alone and "--ginkgo.v" in alone
     block = runner.e2e_argv(lab, "iscsi-block", True, Path("r"))  # type: ignore[arg-type]
     assert "--ginkgo.focus=External.Storage.*\\(block volmode\\)" in block
+    one_pattern = runner.e2e_argv(lab, "iscsi-block", True, Path("r"), focus=[r"\(xfs\)"])  # type: ignore[arg-type]
+    assert [a for a in one_pattern if "focus" in a] == ["--ginkgo.focus=External.Storage.*\\(xfs\\)"]
 
 
 def test_the_ci_subset_runs_iscsi_fs_two_specs_at_a_time_and_the_full_suite_one(tmp_path: Path, monkeypatch) -> None:
