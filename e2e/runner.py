@@ -115,8 +115,8 @@ def run_e2e(
     log = out_dir / f"{profile}.log"
     t0 = time.monotonic()
     with open(log, "w") as out:
-        rc = subprocess.run(e2e_argv(lab, profile, full, report_dir, procs, focus), stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=report_dir).returncode  # fmt: skip
+        argv = e2e_argv(lab, profile, full, report_dir, procs, focus)
+        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=report_dir).returncode
     return E2EResult(profile, rc, time.monotonic() - t0, log, ginkgo_counts(log.read_text(errors="replace")))
 
 
