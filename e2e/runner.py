@@ -116,7 +116,8 @@ def run_e2e(
     t0 = time.monotonic()
     with open(log, "w") as out:
         argv = e2e_argv(lab, profile, full, report_dir, procs, focus)
-        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=report_dir).returncode
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=report_dir)
+    rc = done.returncode
     return E2EResult(profile, rc, time.monotonic() - t0, log, ginkgo_counts(log.read_text(errors="replace")))
 
 
