@@ -57,6 +57,10 @@ FULL_FOCUS = {"iscsi-block": [r"\(block volmode\)"]}
 # Disruptive specs restart kubelets or nodes; Serial ones need the cluster to themselves (the profiles run at the
 # same time); Windows and Flaky ones are not Linux storage tests.
 FULL_SKIP = r"\[Disruptive\]|\[Serial\]|\[Feature:Windows\]|\(ntfs\)|\[Flaky\]"
+# And per profile: the filesystem class's block patterns are the iscsi-block profile's. The class provisions raw
+# block too (the same backend), so its testdriver declares `block`: declared false, the spec for drivers without it
+# ("should fail in binding dynamic provisioned PV to PVC") failed, rightly, on a claim that bound.
+FULL_SKIP_PROFILE = {"iscsi-fs": r"\(block volmode\)"}
 
 
 @dataclass
@@ -91,7 +95,8 @@ def e2e_argv(
     cp = lab.cluster.control_plane
     focus = focus or (FULL_FOCUS.get(profile, [""]) if full else CI_FOCUS[profile])
     focus = [rf"External.Storage.*{f}" for f in focus]
-    ginkgo = ["--no-color", "--timeout=4h", "-v", *(f"--focus={f}" for f in focus), f"--skip={FULL_SKIP}"]
+    skip = "|".join([FULL_SKIP, *([FULL_SKIP_PROFILE[profile]] if full and profile in FULL_SKIP_PROFILE else [])])
+    ginkgo = ["--no-color", "--timeout=4h", "-v", *(f"--focus={f}" for f in focus), f"--skip={skip}"]
     suite = [
         f"--kubeconfig={cp.admin_kubeconfig}", f"--kubectl-path={cp.bin / 'kubectl'}",
         f"-storage.testdriver={TESTDRIVERS / f'{profile}.yaml'}", "--provider=skeleton",

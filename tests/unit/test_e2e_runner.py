@@ -58,6 +58,9 @@ def test_the_ginkgo_cli_gets_the_same_run_and_only_absolute_paths(tmp_path: Path
     assert "--ginkgo.focus=External.Storage.*" in alone and "--ginkgo.v" in alone
     block = runner.e2e_argv(lab, "iscsi-block", True, Path("r"))  # type: ignore[arg-type]
     assert "--ginkgo.focus=External.Storage.*\\(block volmode\\)" in block
+    fs_full, fs_ci = (runner.e2e_argv(lab, "iscsi-fs", full, Path("r")) for full in (True, False))  # type: ignore[arg-type]
+    assert [a for a in fs_full if a.startswith("--ginkgo.skip=")][0].endswith("|\\(block volmode\\)")
+    assert not [a for a in fs_ci if "block volmode" in a]
     one_pattern = runner.e2e_argv(lab, "iscsi-block", True, Path("r"), focus=[r"\(xfs\)"])  # type: ignore[arg-type]
     assert [a for a in one_pattern if "focus" in a] == ["--ginkgo.focus=External.Storage.*\\(xfs\\)"]
 
