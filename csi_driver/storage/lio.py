@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from . import lio_host
 from .errors import Busy, HostNotReady, InUse, InvalidRequest, NotFound, StorageError
 from .ids import check_initiator, check_lv_name, naa_wwn, target_iqn, volume_serial
-from .runner import HOST_START_MARGIN, CommandRunner, call_host_program
+from .runner import HOST_START_MARGIN, CommandRunner, call_host_program, host_program_source
 
 LIO_TIMEOUT = 90.0
 
@@ -37,10 +35,8 @@ _KIND_TO_ERROR: dict[str, type[StorageError]] = {
 }
 
 
-@cache
 def host_program() -> str:
-    """Source of lio_host.py, as shipped in the package (sent verbatim to the host)."""
-    return resources.files("csi_driver.storage").joinpath("lio_host.py").read_text(encoding="utf-8")
+    return host_program_source("lio_host.py")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ import logging
 import secrets as secrets_module
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import cache
-from importlib import resources
 from typing import Any, Literal, TypeVar
 
 from . import nfs_host
@@ -33,7 +31,7 @@ from .errors import (
 )
 from .ids import check_lv_name
 from .lvm import LvInfo
-from .runner import CommandRunner, call_host_program
+from .runner import CommandRunner, call_host_program, host_program_source
 
 log = logging.getLogger("berth.storage.nfs")
 
@@ -62,10 +60,8 @@ _KIND_TO_ERROR: dict[str, type[StorageError]] = {
 }
 
 
-@cache
 def host_program() -> str:
-    """Source of nfs_host.py, as shipped in the package (sent verbatim to the host)."""
-    return resources.files("csi_driver.storage").joinpath("nfs_host.py").read_text(encoding="utf-8")
+    return host_program_source("nfs_host.py")
 
 
 class NfsExporter:

@@ -39,10 +39,15 @@ HOST_START_MARGIN = 30.0
 
 
 @cache
+def host_program_source(file_name: str) -> str:
+    """Source of a host program (lio_host.py, ...) as shipped in the package, sent verbatim to the host."""
+    return resources.files("csi_driver.storage").joinpath(file_name).read_text(encoding="utf-8")
+
+
 def berth_host_program() -> str:
-    """Source of berth_host.py, as shipped in the package: the forced command of restricted hosts, and over SSH the
-    resident runner of LVM and sync commands (sent verbatim, without the digests `berth host-command` fills in)."""
-    return resources.files("csi_driver.storage").joinpath("berth_host.py").read_text(encoding="utf-8")
+    """berth_host.py: the forced command of restricted hosts, and over SSH the resident runner of LVM and sync
+    commands (sent without the digests `berth host-command` fills in)."""
+    return host_program_source("berth_host.py")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from . import tags as meta_keys
@@ -32,7 +30,7 @@ from .errors import (
     StorageError,
 )
 from .lvm import LvInfo, ThinPool
-from .runner import HOST_START_MARGIN, call_host_program
+from .runner import HOST_START_MARGIN, call_host_program, host_program_source
 
 log = logging.getLogger("berth.storage.thin_metadata")
 
@@ -126,10 +124,8 @@ def _origin(source: str) -> str:
     return f"of {kind} {lv}" if lv else "of no recorded volume"
 
 
-@cache
 def host_program() -> str:
-    """Source of thin_metadata_host.py, as shipped in the package (sent verbatim to the host)."""
-    return resources.files("csi_driver.storage").joinpath("thin_metadata_host.py").read_text(encoding="utf-8")
+    return host_program_source("thin_metadata_host.py")
 
 
 class _PoolLocks:
