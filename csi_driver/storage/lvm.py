@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from . import tags as tagcodec
 from .errors import (
@@ -101,7 +101,10 @@ def _int(value: object) -> int:
 
 
 def _parse_time(value: str) -> datetime | None:
-    # lv_time default format: "2024-05-01 10:11:12 +0000"
+    # lv_time default format: "2024-05-01 10:11:12 +0000"; seconds since the epoch from the LVM shell of the resident
+    # runner (the lvmdbusd profile's time_format, berth_host.LvmShell).
+    if value.strip().isdigit():
+        return datetime.fromtimestamp(int(value), UTC)
     for fmt in ("%Y-%m-%d %H:%M:%S %z", "%Y-%m-%d %H:%M:%S"):
         try:
             return datetime.strptime(value.strip(), fmt)

@@ -522,3 +522,9 @@ def test_thin_ids_are_read_with_every_lv():
     assert pool.get(LV).thin_id == 17
     assert "thin_id" in r.argvs("lvs")[0][r.argvs("lvs")[0].index("-o") + 1].split(",")
     assert LvInfo.from_row(lv_row("pool", attr="twi-aotz--", pool="")).thin_id is None  # not a thin LV
+
+
+def test_creation_time_reads_as_lvm_prints_it_and_as_the_lvm_shell_reports_it() -> None:
+    printed = LvInfo.from_row(lv_row(LV))
+    shell = LvInfo.from_row({**lv_row(LV), "lv_time": str(int(printed.created.timestamp()))})  # type: ignore[union-attr]
+    assert printed.created is not None and shell.created == printed.created
