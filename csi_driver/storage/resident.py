@@ -121,7 +121,8 @@ def _json_object(line: bytes) -> dict[str, Any] | None:
 
 
 class ResidentPrograms:
-    """At most one resident process per program argv; a caller that finds it busy gets None (run it one-shot)."""
+    """Up to `instances` resident processes per program argv (1 unless the caller says otherwise); a caller that
+    finds all of them busy gets None (run it one-shot)."""
 
     def __init__(
         self,
@@ -131,19 +132,22 @@ class ResidentPrograms:
         self._spawn = spawn  # None when no process can be started now (e.g. every ssh session is taken)
         self._lost = lost  # the error for a process that ended after it got the request (argv, rc, stderr)
         self._lock = threading.Lock()
-        self._idle: dict[tuple[str, ...], ResidentProcess] = {}
-        self._busy: set[tuple[str, ...]] = set()
+        self._idle: dict[tuple[str, ...], list[ResidentProcess]] = {}
+        self._busy: dict[tuple[str, ...], int] = {}
         self._closed = False
 
-    def call(self, argv: Sequence[str], request: bytes, timeout: float, label: list[str]) -> dict[str, Any] | None:
-        """The response to `request` from the resident `argv --serve`, or None: busy, cannot start, closed."""
+    def call(
+        self, argv: Sequence[str], request: bytes, timeout: float, label: list[str], instances: int = 1
+    ) -> dict[str, Any] | None:
+        """The response to `request` from a resident `argv --serve`, or None: all busy, cannot start, closed."""
         key = tuple(argv)
         for _attempt in range(2):  # one found dead before it got the request is replaced once
             with self._lock:
-                if self._closed or key in self._busy:
+                if self._closed or self._busy.get(key, 0) >= instances:
                     return None
-                process = self._idle.pop(key, None)
-                self._busy.add(key)
+                idle = self._idle.get(key)
+                process = idle.pop() if idle else None
+                self._busy[key] = self._busy.get(key, 0) + 1
             try:
                 if process is not None and not process.alive():
                     process.close()
@@ -166,9 +170,9 @@ class ResidentPrograms:
                     raise
             finally:
                 with self._lock:
-                    self._busy.discard(key)
+                    self._busy[key] -= 1
                     if process is not None:
-                        self._idle[key] = process
+                        self._idle.setdefault(key, []).append(process)
                     # Read again (": bool", not the False checked above): close() may have run in another thread.
                     closed: bool = self._closed
                 if process is not None and closed:
@@ -178,6 +182,7 @@ class ResidentPrograms:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            idle, self._idle = list(self._idle.values()), {}
+            idle = [process for processes in self._idle.values() for process in processes]
+            self._idle = {}
         for process in idle:
             process.close()

@@ -33,6 +33,9 @@ DEFAULT_TIMEOUT = 60.0
 HOST_PYTHON = "python3"  # the storage host's interpreter for host programs (restricted: berth-host's own)
 # sshd's MaxSessions defaults to 10 multiplexed sessions per connection; the 11th fails like a dead host.
 DEFAULT_MAX_SESSIONS = 8
+# Resident berth_host.py processes (each with its LVM shell) per SSH runner: the controller's workers often run two
+# LVM commands at once, and one that finds every resident busy pays an ssh session and an `lvm` start of its own.
+LVM_RUNNERS = 2
 # What a host program may need before its first line runs (ssh connection, interpreter start). Host programs stop
 # acting this long before the controller's timeout, since a timeout kills only the local ssh, never the remote side.
 HOST_START_MARGIN = 30.0
@@ -396,7 +399,8 @@ class SshRunner:
         ssh session, a shell and, restricted, a python3 start of berth-host); None when it is busy or cannot start,
         and the caller runs the command itself."""
         request = json.dumps({"v": 1, "argv": args}).encode()
-        response = self.resident.call([HOST_PYTHON, "-c", berth_host_program()], request, timeout, args)
+        program = [HOST_PYTHON, "-c", berth_host_program()]
+        response = self.resident.call(program, request, timeout, args, instances=LVM_RUNNERS)
         if response is None:
             return None
         if "refused" in response:

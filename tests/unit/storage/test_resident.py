@@ -85,6 +85,28 @@ def test_a_request_that_finds_it_busy_runs_one_shot(runner):
     assert meanwhile["mode"] == "once" and slow["pid"] == pid
 
 
+def test_with_two_instances_two_requests_at_once_each_get_a_resident_process(runner):
+    """What the runner allows its resident berth_host.py (the controller's workers often run two LVM commands at
+    once); a third request meanwhile runs one-shot, and both processes stay for the requests after."""
+    request = b'{"sleep": 1.5}'
+    answers: list = []
+
+    def resident_call() -> None:
+        answers.append(runner.resident.call([sys.executable, "-c", PROGRAM], request, 10, ["test"], instances=2))
+
+    threads = [threading.Thread(target=resident_call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.7)
+    third = runner.resident.call([sys.executable, "-c", PROGRAM], b"{}", 10, ["test"], instances=2)
+    for thread in threads:
+        thread.join()
+    assert third is None
+    assert [a["mode"] for a in answers] == ["serve", "serve"] and answers[0]["pid"] != answers[1]["pid"]
+    again = {runner.resident.call([sys.executable, "-c", PROGRAM], b"{}", 10, ["test"], instances=2)["pid"]}
+    assert again <= {a["pid"] for a in answers}
+
+
 def test_after_close_requests_run_one_shot(runner):
     pid = call(runner)["pid"]
     runner.close()
