@@ -7,7 +7,9 @@ staged and published (NodePublishVolume: the map bound at a target path, what a 
 for each job, fio runs on the published path and on the first path of the map, alternately, --rounds times:
 4k random read and write (iodepth 16) and 1M sequential read and write (iodepth 4), all O_DIRECT with libaio, each
 --seconds long, over the first 192 MiB of the device. The multipath policy in force is recorded from
-`multipath -ll`.
+`multipath -ll`. `--policy failover` overrides multipath-tools' built-in one for the run (`overrides {
+path_grouping_policy failover }` in /etc/multipath/conf.d, removed afterwards): one path carries the I/O, the other
+waits, which tells device-mapper's own cost from the cost of spreading I/O over two sessions.
 
 It prints medians (IOPS for 4k, MiB/s for 1M) and the ratio multipath ÷ one path, and writes JSON to
 artifacts/bench/data_path.json. Not a test: nothing is asserted.
@@ -25,7 +27,8 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ from sanity.runner import csicall  # noqa: E402
 
 DEFAULT_OUT = REPO / "artifacts" / "bench" / "data_path.json"
 TARGET = "/var/lib/berth-bench/publish/data-path"
+POLICY_CONF = "/etc/multipath/conf.d/berth-bench-policy.conf"
+POLICIES = {"default": "", "failover": "overrides {\n\tpath_grouping_policy failover\n}\n"}
 VOLUME_BYTES = 256 << 20
 FIO_SPAN = "192m"
 # name: (fio rw, block size, iodepth, what is reported)
@@ -60,16 +65,32 @@ def fio(lab: Lab, device: str, job: str, seconds: int) -> float:
     return float(side["iops"]) if unit == "iops" else float(side["bw_bytes"]) / (1 << 20)
 
 
+@contextmanager
+def path_policy(lab: Lab, policy: str) -> Iterator[None]:
+    """multipathd on the node with `policy` in force for every map made meanwhile (the default: as installed)."""
+    if not POLICIES[policy]:
+        yield
+        return
+    write = f"printf %s {shlex.quote(POLICIES[policy])} > {POLICY_CONF}"
+    lab.run(NODE, f"mkdir -p {os.path.dirname(POLICY_CONF)} && {write} && multipathd reconfigure")
+    try:
+        yield
+    finally:
+        lab.run(NODE, f"rm -f {POLICY_CONF} && multipathd reconfigure")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--attach", action="store_true", help="use the lab of `python -m lab up`")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="default", help="multipath path policy")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     results: dict[str, dict[str, list[float]]] = {job: {"multipath": [], "one path": []} for job in JOBS}
     topology = ""
-    with small_lab(args.attach) as lab, published_volume(lab, f"bench-data-path-{os.getpid()}", VOLUME_BYTES) as pub:
+    with small_lab(args.attach) as lab, path_policy(lab, args.policy), \
+            published_volume(lab, f"bench-data-path-{os.getpid()}", VOLUME_BYTES) as pub:
         volume, _, context = pub
         volume_id = volume["volume_id"]
         lab.run(NODE, f"mkdir -p {os.path.dirname(TARGET)}")
@@ -106,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit.stdout.strip(),
-        "rounds": args.rounds, "seconds": args.seconds, "multipath_ll": topology, "rows": rows,
+        "rounds": args.rounds, "seconds": args.seconds, "policy": args.policy, "multipath_ll": topology, "rows": rows,
     }, indent=2) + "\n")  # fmt: skip
     print(f"\n[bench] wrote {args.out}")
     return 0
