@@ -194,7 +194,11 @@ class LvmShell:
         line = shell_line(argv)
         if line is None or not self.usable:
             return None
-        if self.proc is not None and (self.commands >= self.RESTART_AFTER or self._config_stamp() != self.config_stamp):
+        if self.proc is not None and (
+            self.proc.poll() is not None
+            or self.commands >= self.RESTART_AFTER
+            or self._config_stamp() != self.config_stamp
+        ):
             self.close()
         if self.proc is None and not self._start():
             self.usable = False
@@ -222,7 +226,10 @@ class LvmShell:
 
         proc, self.proc = self.proc, None
         if proc is not None:
-            proc.stdin.close()  # type: ignore[union-attr]  # the shell ends at the end of its input
+            try:
+                proc.stdin.close()  # type: ignore[union-attr]  # the shell ends at the end of its input
+            except OSError:
+                pass  # it has ended already
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -112,6 +112,16 @@ def test_a_shell_that_ends_mid_command_fails_that_command_and_the_next_gets_a_ne
     assert seen(tmp_path) == [["version"], ["die"], ["version"], ["lvs", "vg"]]
 
 
+def test_a_shell_that_ended_between_commands_is_replaced_before_the_next(shell: LvmShell, tmp_path: Path) -> None:
+    shell.run(["lvs", "a"])
+    assert shell.proc is not None
+    shell.proc.kill()
+    shell.proc.wait()
+    assert shell.run(["lvs", "b"]) == {"rc": 0, "stdout": json.dumps({"report": [{"lv": [{"lv_name": "b"}]}]}),
+                                       "stderr": ""}  # fmt: skip
+    assert seen(tmp_path) == [["version"], ["lvs", "a"], ["version"], ["lvs", "b"]]
+
+
 def test_a_changed_lvm_conf_or_many_commands_start_a_new_shell(
     shell: LvmShell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
