@@ -4,6 +4,7 @@ shell is exercised on the lab's storage host (tests/berth_lab, csi-sanity)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,29 @@ from hypothesis import strategies as st
 
 from csi_driver.storage.berth_host import LvmShell, shell_line
 
-FAKE_LVM = r'''
+C_SPACE = " \t\n\v\f\r"  # isspace() in the C locale
+
+
+def split_like_lvm(line: str) -> list[str]:
+    """lvm_split of LVM's shell: words split at C isspace, or a quote opening a word up to the same quote; no
+    escapes; `#` opening a word ends the line."""
+    words, i = [], 0
+    while i < len(line):
+        while i < len(line) and line[i] in C_SPACE:
+            i += 1
+        if i == len(line) or line[i] == "#":
+            break
+        quote = line[i] if line[i] in "'\"" else None
+        i += 1 if quote else 0
+        j = i
+        while j < len(line) and (line[j] != quote if quote else line[j] not in C_SPACE):
+            j += 1
+        words.append(line[i:j])
+        i = j + 1
+    return words
+
+
+FAKE_LVM = f"C_SPACE = {C_SPACE!r}\n" + inspect.getsource(split_like_lvm) + r'''
 import json, os, sys
 report = os.fdopen(int(os.environ["LVM_REPORT_FD"]), "w")
 if os.environ.get("LVM_COMMAND_PROFILE") != "lvmdbusd" or os.environ.get("FAKE_NO_PROFILE"):
@@ -22,28 +45,12 @@ if os.environ.get("LVM_COMMAND_PROFILE") != "lvmdbusd" or os.environ.get("FAKE_N
 seen = open(os.environ["FAKE_SEEN"], "a")
 last = []
 
-def split(line):  # lvm_split: whitespace, or a quote opening a word up to the same quote; no escapes
-    words, i = [], 0
-    while i < len(line):
-        while i < len(line) and line[i].isspace():
-            i += 1
-        if i == len(line) or line[i] == "#":
-            break
-        quote = line[i] if line[i] in "'\"" else None
-        i += 1 if quote else 0
-        j = i
-        while j < len(line) and (line[j] != quote if quote else not line[j].isspace()):
-            j += 1
-        words.append(line[i:j])
-        i = j + 1
-    return words
-
 def status(name, code, extra=()):
     return [*extra, {"log_type": "status", "log_context": "shell", "log_object_name": name,
                      "log_ret_code": str(code)}]
 
 for line in sys.stdin:
-    argv = split(line.rstrip("\n"))
+    argv = split_like_lvm(line.rstrip("\n"))
     doc = {}
     if argv == ["lastlog"]:
         doc["log"] = last
@@ -151,23 +158,6 @@ def test_a_command_the_shell_cannot_carry_is_left_to_the_caller(shell: LvmShell,
     assert shell.run(["lvchange", "--addtag", "a\nb", "vg/lv"]) is None
     assert shell.run(["lvs", "--select", "x='a' && y=\"b\"", "vg"]) is None
     assert not (tmp_path / "seen").exists()  # not even started
-
-
-def split_like_lvm(line: str) -> list[str]:
-    words, i = [], 0
-    while i < len(line):
-        while i < len(line) and line[i] in " \t\v\f":
-            i += 1
-        if i == len(line) or line[i] == "#":
-            break
-        quote = line[i] if line[i] in "'\"" else None
-        i += 1 if quote else 0
-        j = i
-        while j < len(line) and (line[j] != quote if quote else line[j] not in " \t\v\f"):
-            j += 1
-        words.append(line[i:j])
-        i = j + 1
-    return words
 
 
 @given(st.lists(st.text(alphabet=st.sampled_from(list("ab=|&# \t'\".-/")), max_size=8), min_size=1, max_size=8))
