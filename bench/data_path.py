@@ -43,6 +43,7 @@ from sanity.runner import csicall  # noqa: E402
 DEFAULT_OUT = REPO / "artifacts" / "bench" / "data_path.json"
 TARGET = "/var/lib/berth-bench/publish/data-path"
 POLICY_CONF = "/etc/multipath/conf.d/berth-bench-policy.conf"
+RECONFIGURE = "if systemctl -q is-active multipathd; then multipathd reconfigure; fi"  # else it reads it at start
 POLICIES = {"default": "", "failover": "overrides {\n\tpath_grouping_policy failover\n}\n"}
 VOLUME_BYTES = 256 << 20
 FIO_SPAN = "192m"
@@ -72,11 +73,11 @@ def path_policy(lab: Lab, policy: str) -> Iterator[None]:
         yield
         return
     write = f"printf %s {shlex.quote(POLICIES[policy])} > {POLICY_CONF}"
-    lab.run(NODE, f"mkdir -p {os.path.dirname(POLICY_CONF)} && {write} && multipathd reconfigure")
+    lab.run(NODE, f"mkdir -p {os.path.dirname(POLICY_CONF)} && {write} && {RECONFIGURE}")
     try:
         yield
     finally:
-        lab.run(NODE, f"rm -f {POLICY_CONF} && multipathd reconfigure")
+        lab.run(NODE, f"rm -f {POLICY_CONF} && {RECONFIGURE}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
