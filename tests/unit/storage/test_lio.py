@@ -228,11 +228,11 @@ def test_end_to_end_one_shot_when_the_resident_program_is_busy(host_env):
     lio = LioTargets(host_env, PREFIX, python=sys.executable)
     lio.export(VOL, DEV, ["198.18.0.2"])
     argv = [sys.executable, "-c", host_program()]
-    host_env.resident._busy.add(tuple(argv))
+    host_env.resident._busy[tuple(argv)] = 1  # the one resident instance is taken
     try:
         assert lio.list_exports() == []
     finally:
-        host_env.resident._busy.discard(tuple(argv))
+        host_env.resident._busy[tuple(argv)] = 0
     assert [e.volume for e in lio.list_exports()] == [VOL]
 
 
