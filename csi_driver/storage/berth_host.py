@@ -277,7 +277,6 @@ class LvmShell:
         """Send one command line; its report document (None when the shell ended first) and what it wrote to
         stdout and stderr meanwhile (LVM prints its messages to the report, a few parse errors to stderr)."""
         import json
-        import select
 
         proc = self.proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -288,13 +287,9 @@ class LvmShell:
             return None, ""
         report, other = b"", b""
         streams = [self.report, proc.stdout.fileno(), proc.stderr.fileno()]
-        while streams:
-            ready, _, _ = select.select(streams, [], [])
-            for fd in ready:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    streams.remove(fd)
-                elif fd == self.report:
+        while self.report in streams:
+            for fd, chunk in _read_ready(streams, None):
+                if fd == self.report:
                     report += chunk
                 else:
                     other += chunk
@@ -303,10 +298,10 @@ class LvmShell:
                     doc = json.loads(report)
                 except ValueError:
                     continue
-                other += _drain([proc.stdout.fileno(), proc.stderr.fileno()])
+                outputs = [proc.stdout.fileno(), proc.stderr.fileno()]
+                while chunks := _read_ready(outputs, 0):  # what it wrote before the report, if not read yet
+                    other += b"".join(chunk for _, chunk in chunks)
                 return doc, other.decode("utf-8", "replace")
-            if self.report not in streams:
-                break
         return None, other.decode("utf-8", "replace")
 
 
@@ -340,20 +335,19 @@ def _shell_rc(doc: dict[str, Any]) -> int:
     return 0 if code == 1 else code
 
 
-def _drain(fds: list[int]) -> bytes:
+def _read_ready(fds: list[int], timeout: float | None) -> list[tuple[int, bytes]]:
+    """(fd, bytes) from those of `fds` ready within `timeout` (None: until one is); an fd at its end leaves `fds`."""
     import select
 
-    out = b""
-    while fds:
-        ready, _, _ = select.select(fds, [], [], 0)
-        if not ready:
-            break
-        for fd in ready:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                fds.remove(fd)
-            out += chunk
-    return out
+    ready, _, _ = select.select(fds, [], [], timeout)
+    chunks = []
+    for fd in ready:
+        chunk = os.read(fd, 1 << 20)
+        if chunk:
+            chunks.append((fd, chunk))
+        else:
+            fds.remove(fd)
+    return chunks
 
 
 def main() -> int:  # returns only when refusing
