@@ -87,7 +87,7 @@ def test_a_request_that_finds_it_busy_runs_one_shot(runner):
 
 def test_with_two_instances_two_requests_at_once_each_get_a_resident_process(runner):
     """What the runner allows its resident berth_host.py (the controller's workers often run two LVM commands at
-    once); a third request meanwhile runs one-shot, and both processes stay for the requests after."""
+    once); a third request meanwhile gets None (its caller runs it one-shot), and both stay for the requests after."""
     request = b'{"sleep": 1.5}'
     answers: list = []
 
