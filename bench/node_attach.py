@@ -137,22 +137,27 @@ def berth_log(lab: Lab) -> list[dict]:
     return lines
 
 
-def berth_call(lab: Lab, rpc: str, request: dict) -> tuple[float, dict[str, float]]:
-    """(Berth's duration_ms of the call, seconds per program of the commands os-brick ran in it)."""
+def logged_call(lab: Lab, rpc: str, request: dict) -> tuple[dict, dict, list[dict]]:
+    """(the answer, Berth's log line for the call, every log line written during it)."""
     before = len(berth_log(lab))
-    must(lab, rpc, request)
+    answer = must(lab, rpc, request)
     entries = berth_log(lab)[before:]
     done = [e for e in entries if e.get("msg") == "rpc" and e.get("method", "").endswith("/" + rpc.split(".")[1])]
     if not done:
         raise RuntimeError(f"no log line for {rpc}")
-    call_id = done[-1].get("request_id")
+    return answer, done[-1], entries
+
+
+def berth_call(lab: Lab, rpc: str, request: dict) -> tuple[float, dict[str, float]]:
+    """(Berth's duration_ms of the call, seconds per program of the commands os-brick ran in it)."""
+    _, line, entries = logged_call(lab, rpc, request)
     programs: dict[str, float] = collections.defaultdict(float)
     for e in entries:
         match = COMMAND_DONE.search(str(e.get("msg", "")))
-        if match and e.get("request_id") == call_id:
+        if match and e.get("request_id") == line.get("request_id"):
             argv = shlex.split(match["cmd"])
             programs[Path(argv[0]).name if argv else "?"] += float(match["seconds"])
-    return float(done[-1]["duration_ms"]), dict(programs)
+    return float(line["duration_ms"]), dict(programs)
 
 
 def bare(lab: Lab, script: str, steps: tuple[str, str], env: dict[str, str]) -> dict[str, float]:

@@ -174,11 +174,13 @@ class LvmShell:
     on. After a failure `lastlog` gives the command's messages, which become stderr as `lvm` would have printed
     them. run() returns None, and the caller execs `lvm` as before, when the shell cannot take the command (a word
     its line splitter cannot carry) or cannot start (no such profile: then not again). A shell is replaced after
-    RESTART_AFTER commands and when lvm.conf changes (the shell caches configuration between commands)."""
+    RESTART_AFTER commands and when lvm.conf, lvmlocal.conf or a profile changes (the shell caches configuration and
+    profiles between commands)."""
 
     RESTART_AFTER = 1000
     MAX_WORDS = 63  # the shell splits a line into at most 64 words
     CONFIG_FILES = ("/etc/lvm/lvm.conf", "/etc/lvm/lvmlocal.conf")
+    PROFILE_DIR = "/etc/lvm/profile"  # command and metadata profiles (lvm.conf's config/profile_dir default)
     ENV = {"LVM_COMMAND_PROFILE": "lvmdbusd", "LVM_LOG_FILE_MAX_LINES": "0"}
 
     def __init__(self, program: list[str], env: dict[str, str]):
@@ -188,7 +190,7 @@ class LvmShell:
         self.report = -1
         self.usable = True
         self.commands = 0
-        self.config_stamp: tuple[float, ...] = ()
+        self.config_stamp: tuple[tuple[str, float], ...] = ()
 
     def run(self, argv: list[str]) -> dict[str, object] | None:
         line = shell_line(argv)
@@ -241,13 +243,18 @@ class LvmShell:
             os.close(self.report)
             self.report = -1
 
-    def _config_stamp(self) -> tuple[float, ...]:
+    def _config_stamp(self) -> tuple[tuple[str, float], ...]:
+        """(path, mtime) of each configuration file and profile: a file edited, added or removed changes it."""
+        try:
+            profiles = sorted(os.path.join(self.PROFILE_DIR, name) for name in os.listdir(self.PROFILE_DIR))
+        except OSError:
+            profiles = []
         stamps = []
-        for path in self.CONFIG_FILES:
+        for path in (*self.CONFIG_FILES, *profiles):
             try:
-                stamps.append(os.stat(path).st_mtime)
+                stamps.append((path, os.stat(path).st_mtime))
             except OSError:
-                stamps.append(0.0)
+                stamps.append((path, 0.0))
         return tuple(stamps)
 
     def _start(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     conf = tmp_path / "lvm.conf"
     conf.write_text("")
     monkeypatch.setattr(LvmShell, "CONFIG_FILES", (str(conf),))
+    (tmp_path / "profile").mkdir()
+    monkeypatch.setattr(LvmShell, "PROFILE_DIR", str(tmp_path / "profile"))
     lvm = LvmShell([sys.executable, str(fake)], {"FAKE_SEEN": str(tmp_path / "seen"), "PATH": "/usr/bin:/bin"})
     yield lvm
     lvm.close()
@@ -136,12 +139,23 @@ def test_a_changed_lvm_conf_or_many_commands_start_a_new_shell(
     conf = Path(LvmShell.CONFIG_FILES[0])
     conf.write_text("# changed\n")
     stat = conf.stat()
-    import os
-
     os.utime(conf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     shell.run(["lvs", "b"])
     monkeypatch.setattr(LvmShell, "RESTART_AFTER", 2)
     shell.run(["lvs", "c"])
+    shell.run(["lvs", "d"])
+    assert seen(tmp_path) == [["version"], ["lvs", "a"], ["version"], ["lvs", "b"], ["lvs", "c"], ["version"],
+                              ["lvs", "d"]]  # fmt: skip
+
+
+def test_a_profile_added_or_changed_starts_a_new_shell(shell: LvmShell, tmp_path: Path) -> None:
+    shell.run(["lvs", "a"])
+    profile = tmp_path / "profile" / "thin-performance.profile"
+    profile.write_text("allocation {}\n")
+    shell.run(["lvs", "b"])
+    shell.run(["lvs", "c"])
+    stat = profile.stat()
+    os.utime(profile, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     shell.run(["lvs", "d"])
     assert seen(tmp_path) == [["version"], ["lvs", "a"], ["version"], ["lvs", "b"], ["lvs", "c"], ["version"],
                               ["lvs", "d"]]  # fmt: skip
