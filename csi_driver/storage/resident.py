@@ -5,8 +5,8 @@ rtslib) cost 0.5-1.5 s of every ControllerPublish, DeleteVolume and NFS CreateVo
 Now one process per program and host (`python3 -c <program> --serve`, over the runner's connection) answers one
 JSON line per JSON request line. It is started on first use; one that died, or whose request timed out (it is
 killed then, as a one-shot process would be), is replaced at the next request. A request that finds it busy runs
-the one-shot way, so concurrency, per-request timeouts and the programs' own host locks behave as before: the
-resident process takes and releases the same locks per request.
+the one-shot way (after waiting for it a while, if its caller says so), so concurrency, per-request timeouts and the
+programs' own host locks behave as before: the resident process takes and releases the same locks per request.
 
 Nothing is installed on the host: the program's source travels with the command, as before.
 """
@@ -122,7 +122,7 @@ def _json_object(line: bytes) -> dict[str, Any] | None:
 
 class ResidentPrograms:
     """Up to `instances` resident processes per program argv (1 unless the caller says otherwise); a caller that
-    finds all of them busy gets None (run it one-shot)."""
+    finds all of them busy for `wait` seconds (0 unless it says otherwise) gets None (run it one-shot)."""
 
     def __init__(
         self,
@@ -132,19 +132,34 @@ class ResidentPrograms:
         self._spawn = spawn  # None when no process can be started now (e.g. every ssh session is taken)
         self._lost = lost  # the error for a process that ended after it got the request (argv, rc, stderr)
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)  # notified whenever an instance stops being busy
         self._idle: dict[tuple[str, ...], list[ResidentProcess]] = {}
         self._busy: dict[tuple[str, ...], int] = {}
         self._closed = False
 
     def call(
-        self, argv: Sequence[str], request: bytes, timeout: float, label: list[str], instances: int = 1
+        self,
+        argv: Sequence[str],
+        request: bytes,
+        timeout: float,
+        label: list[str],
+        instances: int = 1,
+        wait: float = 0.0,
     ) -> dict[str, Any] | None:
-        """The response to `request` from a resident `argv --serve`, or None: all busy, cannot start, closed."""
+        """The response to `request` from a resident `argv --serve`, or None: all busy (for `wait` seconds), cannot
+        start, closed. The wait (at most half of `timeout`) counts against `timeout`."""
         key = tuple(argv)
+        start = time.monotonic()
         for _attempt in range(2):  # one found dead before it got the request is replaced once
             with self._lock:
-                if self._closed or self._busy.get(key, 0) >= instances:
+                while not self._closed and self._busy.get(key, 0) >= instances:
+                    remaining = start + min(wait, timeout / 2) - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._freed.wait(remaining)
+                if self._closed:
                     return None
+                waited = time.monotonic() - start
                 idle = self._idle.get(key)
                 process = idle.pop() if idle else None
                 self._busy[key] = self._busy.get(key, 0) + 1
@@ -157,7 +172,7 @@ class ResidentPrograms:
                     if process is None:
                         return None
                 try:
-                    return process.exchange(request, label, timeout)
+                    return process.exchange(request, label, timeout - waited)
                 except Dead as dead:
                     rc, stderr = process.exit_code(), process.stderr_tail()
                     process.close()
@@ -173,6 +188,7 @@ class ResidentPrograms:
                     self._busy[key] -= 1
                     if process is not None:
                         self._idle.setdefault(key, []).append(process)
+                    self._freed.notify_all()  # waiters of every program share the condition
                     # Read again (": bool", not the False checked above): close() may have run in another thread.
                     closed: bool = self._closed
                 if process is not None and closed:
@@ -182,6 +198,7 @@ class ResidentPrograms:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._freed.notify_all()
             idle = [process for processes in self._idle.values() for process in processes]
             self._idle = {}
         for process in idle:

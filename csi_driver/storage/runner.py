@@ -36,6 +36,11 @@ DEFAULT_MAX_SESSIONS = 8
 # Resident berth_host.py processes (each with its LVM shell) per SSH runner: the controller's workers often run two
 # LVM commands at once, and one that finds every resident busy pays an ssh session and an `lvm` start of its own.
 LVM_RUNNERS = 2
+# How long an LVM command waits for a free resident before it runs one-shot. LVM serialises a VG's changes on its
+# lock, so in a burst (50 CreateVolume calls) extra one-shot `lvm` processes only queue on that lock, and their
+# start costs the host CPU: 50 concurrent creations took 49.5 s against 28.8 s one after another (bench/scale.py).
+# A resident busy for longer (a long `sync -f`, a hung device) still lets the command run beside it.
+LVM_QUEUE_SECONDS = 10.0
 # What a host program may need before its first line runs (ssh connection, interpreter start). Host programs stop
 # acting this long before the controller's timeout, since a timeout kills only the local ssh, never the remote side.
 HOST_START_MARGIN = 30.0
@@ -400,7 +405,7 @@ class SshRunner:
         and the caller runs the command itself."""
         request = json.dumps({"v": 1, "argv": args}).encode()
         program = [HOST_PYTHON, "-c", berth_host_program()]
-        response = self.resident.call(program, request, timeout, args, instances=LVM_RUNNERS)
+        response = self.resident.call(program, request, timeout, args, instances=LVM_RUNNERS, wait=LVM_QUEUE_SECONDS)
         if response is None:
             return None
         if "refused" in response:

@@ -107,6 +107,47 @@ def test_with_two_instances_two_requests_at_once_each_get_a_resident_process(run
     assert again <= {a["pid"] for a in answers}
 
 
+def resident_call(runner, request: bytes, timeout: float = 10, wait: float = 0.0):
+    return runner.resident.call([sys.executable, "-c", PROGRAM], request, timeout, ["test"], wait=wait)
+
+
+def test_a_request_allowed_to_wait_gets_the_resident_once_it_is_free(runner):
+    """What the runner does for LVM commands (LVM serialises them anyway): it queues on the resident instead of
+    starting a process of its own; one that waits too long still gets None, and so runs one-shot."""
+    pid = resident_call(runner, b"{}")["pid"]
+    slow = threading.Thread(target=resident_call, args=(runner, b'{"sleep": 1.5}'))
+    slow.start()
+    time.sleep(0.5)
+    too_short = resident_call(runner, b"{}", wait=0.2)
+    queued = resident_call(runner, b'{"n": 7}', wait=5)
+    slow.join()
+    assert too_short is None
+    assert queued is not None and (queued["pid"], queued["n"]) == (pid, 7)
+
+
+def test_the_wait_counts_against_the_timeout_and_takes_at_most_half_of_it(runner):
+    resident_call(runner, b"{}")
+    slow = threading.Thread(target=resident_call, args=(runner, b'{"sleep": 2}'))
+    slow.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert resident_call(runner, b"{}", timeout=1, wait=5) is None  # busy for longer than half the timeout
+    assert time.monotonic() - started < 0.9
+    slow.join()
+
+
+def test_close_wakes_a_waiting_request_which_then_runs_one_shot(runner):
+    resident_call(runner, b"{}")
+    slow = threading.Thread(target=resident_call, args=(runner, b'{"sleep": 2}'))
+    slow.start()
+    time.sleep(0.3)
+    threading.Timer(0.3, runner.close).start()
+    started = time.monotonic()
+    assert resident_call(runner, b"{}", wait=5) is None
+    assert time.monotonic() - started < 1.5
+    slow.join()
+
+
 def test_after_close_requests_run_one_shot(runner):
     pid = call(runner)["pid"]
     runner.close()
