@@ -50,6 +50,7 @@ from csi_driver.csi import csi_pb2  # noqa: E402
 from csi_driver.services.controller import ControllerService  # noqa: E402
 from csi_driver.storage import tags as meta_keys  # noqa: E402
 from csi_driver.storage.backend import KEY_BACKEND, KIND_VOLUME, PUBLISHED_PREFIX  # noqa: E402
+from csi_driver.storage.errors import Busy  # noqa: E402
 from csi_driver.storage.ids import volume_lv_name  # noqa: E402
 from csi_driver.storage.lvm import ThinPool  # noqa: E402
 from csi_driver.storage.runner import CommandRunner  # noqa: E402
@@ -66,6 +67,7 @@ NODE = "node1"
 OTHER_NODE = "iqn.2026-11.io.berth.bench:scale-node|198.18.0.99"
 LVM_BATCH = 100  # lvcreate commands per lvm shell
 LIO_BATCH = 50  # export ops per host program call
+UNEXPORT_BATCH = 20
 SAFE_WORD = re.compile(r"[A-Za-z0-9_.:=/+-]+")
 
 
@@ -126,14 +128,20 @@ def cleanup(service: ControllerService) -> None:
         for info in backend.pool.list({KEY_BACKEND: BACKEND})
         if info.meta.get(meta_keys.KEY_NAME, "").startswith(PREFIX)
     ]
-    exported = {e.volume for e in targets.list_exports()}
-    doomed = [lv for lv in lvs if lv in exported]
-    for first in range(0, len(doomed), LIO_BATCH):
-        ops = [
-            {"op": "unexport", "volume": lv, "target": targets.target_for(lv)}
-            for lv in doomed[first : first + LIO_BATCH]
-        ]
-        targets.run_ops(ops, save=True)
+    doomed = sorted({e.volume for e in targets.list_exports()} & set(lvs))
+    left = doomed
+    while left:
+        # A host program call has a time budget; with 500 targets an unexport of 50 once ran out of it (Busy,
+        # having unexported some): so smaller batches, and what is left is read again until nothing is.
+        ops = [{"op": "unexport", "volume": lv, "target": targets.target_for(lv)} for lv in left[:UNEXPORT_BATCH]]
+        try:
+            targets.run_ops(ops, save=True)
+        except Busy as err:
+            print(f"[bench] clean-up: {err}; again", flush=True)
+        still = sorted({e.volume for e in targets.list_exports()} & set(lvs))
+        if len(still) == len(left):
+            raise RuntimeError(f"clean-up: no export removed, {len(still)} left")
+        left = still
     runner = backend.pool.runner
     for first in range(0, len(lvs), LVM_BATCH):
         lines = [f"lvremove --force --yes {backend.pool.vg}/{lv}" for lv in lvs[first : first + LVM_BATCH]]
@@ -235,6 +243,26 @@ def median(samples: Sequence[float]) -> float:
     return round(statistics.median(samples) * 1000)
 
 
+def report(doc: dict[str, Any], args: argparse.Namespace, small: int) -> None:
+    """The table and the JSON, written as soon as both levels are measured (before the long clean-up)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    doc["commit"] = commit.stdout.strip()
+    small_level, big_level = doc["levels"][str(small)], doc["levels"][str(args.volumes)]
+    print(f"\nmedians of {args.samples} samples, ms\n")
+    print(f"| RPC | {small} volumes | {args.volumes} volumes ({args.exported} exported) | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for rpc, samples in small_level.items():
+        a, b = median(samples), median(big_level[rpc])
+        print(f"| {rpc} | {a} | {b} | {b / a:.2f} |")
+    c = doc["concurrency"]
+    print(f"\n{c['calls']} CreateVolume: sequential {c['sequential_s']} s, concurrent {c['concurrent_s']} s "
+          f"(speed-up {c['speed_up']}); {c['succeeded']} succeeded, {c['distinct_volume_ids']} distinct ids, "
+          f"{c['lvs_made']} LVs")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\n[bench] wrote {args.out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volumes", type=int, default=1000)
@@ -287,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"[bench] population of {args.volumes} ({args.exported} exported) made in {seconds:.0f} s", flush=True
             )
             doc["levels"][str(args.volumes)] = measure(service, lab, node_id, staged, str(args.volumes), args.samples)
+            report(doc, args, small)
         finally:
             if staged:
                 csicall(
@@ -298,22 +327,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_berth(lab, NODE)
             cleanup(service)
             backend.pool.runner.close()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    doc["commit"] = commit.stdout.strip()
-    small_level, big_level = doc["levels"][str(small)], doc["levels"][str(args.volumes)]
-    print(f"\nmedians of {args.samples} samples, ms\n")
-    print(f"| RPC | {small} volumes | {args.volumes} volumes ({args.exported} exported) | ratio |")
-    print("| --- | ---: | ---: | ---: |")
-    for rpc, samples in small_level.items():
-        a, b = median(samples), median(big_level[rpc])
-        print(f"| {rpc} | {a} | {b} | {b / a:.2f} |")
-    c = doc["concurrency"]
-    print(f"\n{c['calls']} CreateVolume: sequential {c['sequential_s']} s, concurrent {c['concurrent_s']} s "
-          f"(speed-up {c['speed_up']}); {c['succeeded']} succeeded, {c['distinct_volume_ids']} distinct ids, "
-          f"{c['lvs_made']} LVs")  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\n[bench] wrote {args.out}")
     return 0
 
 
