@@ -153,9 +153,9 @@ def install_command_log() -> CommandLog:
     cls.run = run  # type: ignore[method-assign]
     original_call = resident.ResidentPrograms.call
 
-    def call(self: Any, argv: Sequence[str], request: bytes, timeout: float, label: list[str]) -> Any:
+    def call(self: Any, argv: Sequence[str], request: bytes, timeout: float, label: list[str], **kwargs: Any) -> Any:
         t0 = time.monotonic()
-        response = original_call(self, argv, request, timeout, label)
+        response = original_call(self, argv, request, timeout, label, **kwargs)
         # None: it runs one-shot, through run(); berth_host.py serves LVM and sync commands, which run() records.
         if response is not None and _program_name(argv[2]) != "<berth_host>":
             log.record(f"{command_kind(argv)} resident", time.monotonic() - t0)

@@ -120,9 +120,17 @@ def _json_object(line: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def wait_deadline(start: float, timeout: float, wait: float, finished: float | None) -> float:
+    """Until when a request that came at `start` waits for a busy resident: `wait` seconds after the later of its
+    coming and the last request a process of that program `finished`, and never past half its timeout."""
+    since = start if finished is None else max(start, finished)
+    return min(start + timeout / 2, since + wait)
+
+
 class ResidentPrograms:
-    """Up to `instances` resident processes per program argv (1 unless the caller says otherwise); a caller that
-    finds all of them busy for `wait` seconds (0 unless it says otherwise) gets None (run it one-shot)."""
+    """Up to `instances` resident processes per program argv (1 unless the caller says otherwise). A caller that
+    finds all of them busy waits while they make progress: it gets None (run it one-shot) once none of them has
+    finished a request for `wait` seconds (0 unless it says otherwise), or after half its timeout."""
 
     def __init__(
         self,
@@ -135,6 +143,7 @@ class ResidentPrograms:
         self._freed = threading.Condition(self._lock)  # notified whenever an instance stops being busy
         self._idle: dict[tuple[str, ...], list[ResidentProcess]] = {}
         self._busy: dict[tuple[str, ...], int] = {}
+        self._finished: dict[tuple[str, ...], float] = {}  # when a process of that argv last finished a request
         self._closed = False
 
     def call(
@@ -146,14 +155,14 @@ class ResidentPrograms:
         instances: int = 1,
         wait: float = 0.0,
     ) -> dict[str, Any] | None:
-        """The response to `request` from a resident `argv --serve`, or None: all busy (for `wait` seconds), cannot
-        start, closed. The wait (at most half of `timeout`) counts against `timeout`."""
+        """The response to `request` from a resident `argv --serve`, or None: all busy (see the class), cannot start,
+        closed. The wait counts against `timeout`."""
         key = tuple(argv)
         start = time.monotonic()
         for _attempt in range(2):  # one found dead before it got the request is replaced once
             with self._lock:
                 while not self._closed and self._busy.get(key, 0) >= instances:
-                    remaining = start + min(wait, timeout / 2) - time.monotonic()
+                    remaining = wait_deadline(start, timeout, wait, self._finished.get(key)) - time.monotonic()
                     if remaining <= 0:
                         return None
                     self._freed.wait(remaining)
@@ -186,6 +195,7 @@ class ResidentPrograms:
             finally:
                 with self._lock:
                     self._busy[key] -= 1
+                    self._finished[key] = time.monotonic()
                     if process is not None:
                         self._idle.setdefault(key, []).append(process)
                     self._freed.notify_all()  # waiters of every program share the condition

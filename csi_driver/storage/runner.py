@@ -36,10 +36,10 @@ DEFAULT_MAX_SESSIONS = 8
 # Resident berth_host.py processes (each with its LVM shell) per SSH runner: the controller's workers often run two
 # LVM commands at once, and one that finds every resident busy pays an ssh session and an `lvm` start of its own.
 LVM_RUNNERS = 2
-# How long an LVM command waits for a free resident before it runs one-shot. LVM serialises a VG's changes on its
-# lock, so in a burst (50 CreateVolume calls) extra one-shot `lvm` processes only queue on that lock, and their
-# start costs the host CPU: 50 concurrent creations took 49.5 s against 28.8 s one after another (bench/scale.py).
-# A resident busy for longer (a long `sync -f`, a hung device) still lets the command run beside it.
+# An LVM command that finds every resident busy waits for one while they keep finishing commands, and runs one-shot
+# once none has for this long (a long `sync -f`, a hung device) or after half its timeout. LVM serialises a VG's
+# changes on its lock, so in a burst (50 CreateVolume calls) extra one-shot `lvm` processes only queue on that lock,
+# and their start costs the host CPU: 50 concurrent creations took 49.5 s against 28.8 s one after another.
 LVM_QUEUE_SECONDS = 10.0
 # What a host program may need before its first line runs (ssh connection, interpreter start). Host programs stop
 # acting this long before the controller's timeout, since a timeout kills only the local ssh, never the remote side.

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from csi_driver.storage.errors import CommandFailed, CommandTimeout
+from csi_driver.storage.resident import wait_deadline
 from csi_driver.storage.runner import LocalRunner, call_host_program
 
 # Answers {"pid", "mode", "n"}; "sleep" waits first, "exit" ends the process without answering. One request per
@@ -123,6 +124,14 @@ def test_a_request_allowed_to_wait_gets_the_resident_once_it_is_free(runner):
     slow.join()
     assert too_short is None
     assert queued is not None and (queued["pid"], queued["n"]) == (pid, 7)
+
+
+def test_a_waiting_request_waits_on_while_the_residents_keep_finishing_requests():
+    assert wait_deadline(start=100, timeout=60, wait=10, finished=None) == 110
+    assert wait_deadline(start=100, timeout=60, wait=10, finished=95) == 110  # before it came: no news
+    assert wait_deadline(start=100, timeout=60, wait=10, finished=108) == 118
+    assert wait_deadline(start=100, timeout=60, wait=10, finished=125) == 130  # half its timeout, at most
+    assert wait_deadline(start=100, timeout=8, wait=10, finished=None) == 104
 
 
 def test_the_wait_counts_against_the_timeout_and_takes_at_most_half_of_it(runner):
