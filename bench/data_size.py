@@ -18,7 +18,7 @@ then --data-mib written into the source volume on the storage host), --rounds sa
 NFS volumes are mounts (RWX); iSCSI volumes are raw block (RWX, two portals, multipath). The data is a 64 MiB
 random chunk written again and again into the volume's host mount (NFS) or its LV (iSCSI), then synced.
 
-    .venv/bin/python bench/data_size.py             # starts its own small lab (storage + node1), ~25 min under TCG
+    .venv/bin/python bench/data_size.py             # starts its own small lab (storage + node1), ~7 min under TCG
     .venv/bin/python bench/data_size.py --attach    # uses the lab of `python -m lab up` (nobody else on it)
 
 Prints medians and the ratios; writes JSON to artifacts/bench/data_size.json. Not a test: nothing is asserted.
