@@ -113,15 +113,12 @@ def one_round(lab: Lab, backend: str, source: dict, node_id: str, tag: str) -> d
         undo.callback(csicall, lab, NODE, "Controller.ControllerUnpublishVolume",
                       {"volume_id": volume_id, "node_id": node_id})  # fmt: skip
         lab.run(NODE, f"mkdir -p {STAGING} && rm -rf {TARGET}")
-        times["NodeStageVolume"], _ = timed(lab, "Node.NodeStageVolume", {
-            "volume_id": volume_id, "staging_target_path": STAGING, "volume_capability": capability,
-            "publish_context": context, "volume_context": source.get("volume_context", {})})  # fmt: skip
+        stage = {"volume_id": volume_id, "staging_target_path": STAGING, "volume_capability": capability,
+                 "publish_context": context, "volume_context": source.get("volume_context", {})}  # fmt: skip
+        times["NodeStageVolume"], _ = timed(lab, "Node.NodeStageVolume", stage)
         undo.callback(csicall, lab, NODE, "Node.NodeUnstageVolume",
                       {"volume_id": volume_id, "staging_target_path": STAGING})  # fmt: skip
-        times["NodePublishVolume"], _ = timed(lab, "Node.NodePublishVolume", {
-            "volume_id": volume_id, "staging_target_path": STAGING, "target_path": TARGET,
-            "volume_capability": capability, "publish_context": context,
-            "volume_context": source.get("volume_context", {})})  # fmt: skip
+        times["NodePublishVolume"], _ = timed(lab, "Node.NodePublishVolume", {**stage, "target_path": TARGET})
         undo.callback(csicall, lab, NODE, "Node.NodeUnpublishVolume", {"volume_id": volume_id, "target_path": TARGET})
     return times
 

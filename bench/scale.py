@@ -128,8 +128,11 @@ def cleanup(service: ControllerService) -> None:
         for info in backend.pool.list({KEY_BACKEND: BACKEND})
         if info.meta.get(meta_keys.KEY_NAME, "").startswith(PREFIX)
     ]
-    doomed = sorted({e.volume for e in targets.list_exports()} & set(lvs))
-    left = doomed
+
+    def still_exported() -> list[str]:
+        return sorted({e.volume for e in targets.list_exports()} & set(lvs))
+
+    doomed = left = still_exported()
     while left:
         # A host program call has a time budget; with 500 targets an unexport of 50 once ran out of it (Busy,
         # having unexported some): so smaller batches, and what is left is read again until nothing is.
@@ -138,7 +141,7 @@ def cleanup(service: ControllerService) -> None:
             targets.run_ops(ops, save=True)
         except Busy as err:
             print(f"[bench] clean-up: {err}; again", flush=True)
-        still = sorted({e.volume for e in targets.list_exports()} & set(lvs))
+        still = still_exported()
         if len(still) == len(left):
             raise RuntimeError(f"clean-up: no export removed, {len(still)} left")
         left = still
